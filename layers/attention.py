@@ -1,0 +1,193 @@
+"""Softmax attention as a sequence mixer: MHA / GQA / MQA, causal or bidirectional, sliding
+window, logit softcap, qk-norm, RoPE or ALiBi, packed-sequence masks, and a KV cache.
+
+Mixer protocol (DESIGN.md): param_specs, init, forward, init_state, step.
+
+The cache keeps, per row, the keys and values of every slot plus the logical position written
+there (-1 = empty). Masks are built from positions, so decoding, prefill and packed training
+share one code path (`layers.attention_core.attend`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from layers import attention_core, checks, norms, params as P
+from layers.params import ParamSpec, fan_in_normal, zeros
+from layers.positions import RopeConfig, alibi_slopes, apply_rope
+
+if TYPE_CHECKING:
+    from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """Attributes:
+    d_model: model width D.
+    n_heads: query heads H.
+    n_kv_heads: key/value heads G (H for MHA, 1 for MQA); must divide n_heads.
+    head_dim: K; defaults to d_model // n_heads.
+    causal: False gives bidirectional (encoder) attention.
+    sliding_window: attend to the last W positions including the current one (None: all).
+    logit_softcap: scores become cap * tanh(scores / cap) (Gemma 2).
+    qk_norm: RMSNorm over head_dim on queries and keys before RoPE (OLMo 2, Gemma 3).
+    rope: rotary embedding settings, or None for no rotary.
+    alibi: add ALiBi distance biases (usually with rope=None).
+    use_bias: biases on the q/k/v projections; out_bias: on the output projection.
+    query_scale: multiplier on scores; defaults to head_dim ** -0.5.
+    impl: "xla" | "reference" | "pallas" (see layers.attention_core).
+    """
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    causal: bool = True
+    sliding_window: int | None = None
+    logit_softcap: float | None = None
+    qk_norm: bool = False
+    rope: RopeConfig | None = dataclasses.field(default_factory=RopeConfig)
+    alibi: bool = False
+    use_bias: bool = False
+    out_bias: bool = False
+    query_scale: float | None = None
+    impl: str = "xla"
+
+    def __post_init__(self):
+        name = "AttentionConfig"
+        checks.positive(name, "d_model", self.d_model)
+        checks.positive(name, "n_heads", self.n_heads)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        checks.positive(name, "n_kv_heads", self.n_kv_heads)
+        checks.divides(name, "n_kv_heads", self.n_kv_heads, "n_heads", self.n_heads)
+        if self.head_dim is None:
+            checks.divides(name, "n_heads", self.n_heads, "d_model", self.d_model)
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        checks.positive(name, "head_dim", self.head_dim)
+        if self.sliding_window is not None:
+            checks.positive(name, "sliding_window", self.sliding_window)
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            checks.fail(name, "logit_softcap", "a positive float or None", self.logit_softcap)
+        checks.one_of(name, "impl", self.impl, attention_core.IMPLS)
+        if self.rope is not None and self.head_dim % 2:
+            checks.fail(name, "head_dim", "an even number when rope is used", self.head_dim)
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5 if self.query_scale is None else self.query_scale
+
+
+def param_specs(cfg: AttentionConfig) -> dict:
+    D, H, G, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    specs: dict[str, Any] = {
+        "wq_DHK": ParamSpec((D, H, K), ("embed", "heads", "head_dim"), fan_in_normal((0,))),
+        "wk_DGK": ParamSpec((D, G, K), ("embed", "kv_heads", "head_dim"), fan_in_normal((0,))),
+        "wv_DGK": ParamSpec((D, G, K), ("embed", "kv_heads", "head_dim"), fan_in_normal((0,))),
+        "wo_HKD": ParamSpec((H, K, D), ("heads", "head_dim", "embed"), fan_in_normal((0, 1))),
+    }
+    if cfg.use_bias:
+        specs["bq_HK"] = ParamSpec((H, K), ("heads", "head_dim"), zeros)
+        specs["bk_GK"] = ParamSpec((G, K), ("kv_heads", "head_dim"), zeros)
+        specs["bv_GK"] = ParamSpec((G, K), ("kv_heads", "head_dim"), zeros)
+    if cfg.out_bias:
+        specs["bo_D"] = ParamSpec((D,), ("embed",), zeros)
+    if cfg.qk_norm:
+        specs["q_norm"] = {"scale": ParamSpec((K,), ("head_dim",), P.ones)}
+        specs["k_norm"] = {"scale": ParamSpec((K,), ("head_dim",), P.ones)}
+    return specs
+
+
+def init(key: jax.Array, cfg: AttentionConfig) -> dict:
+    return P.init(key, param_specs(cfg))
+
+
+def init_state(cfg: AttentionConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """KV cache: k/v [B, T, G, K], the logical position of each slot (-1 empty) and the
+    next slot to write per row."""
+    checks.positive("init_state", "batch_size", batch_size)
+    checks.positive("init_state", "max_len", max_len)
+    shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k_BTGK": jnp.zeros(shape, dtype),
+        "v_BTGK": jnp.zeros(shape, dtype),
+        "pos_BT": jnp.full((batch_size, max_len), -1, jnp.int32),
+        "index_B": jnp.zeros((batch_size,), jnp.int32),
+    }
+
+
+def _project(x_BLD, w, b):
+    y = jnp.einsum("BLD,D...->BL...", x_BLD, w.astype(x_BLD.dtype), preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)[None, None]
+    return y.astype(x_BLD.dtype)
+
+
+def _write(cache_BT, new_BL, index_B):
+    """Write each row's new entries at that row's own offset."""
+    def one(c, n, i):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0)
+    return jax.vmap(one)(cache_BT, new_BL, index_B)
+
+
+def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfig,
+            state: dict | None = None, positions: "Int[Array, 'B L'] | None" = None,
+            segment_ids: "Int[Array, 'B L'] | None" = None) -> tuple["Float[Array, 'B L D']", dict | None]:
+    """Attend over x (and the cache, when `state` is given).
+
+    positions: logical position of each token (RoPE, ALiBi, causal order); defaults to
+      0..L-1, or continuing each row's cache.
+    segment_ids: packed sequences attend only within their own segment; with a cache, tokens
+      with segment id 0 are padding and are written as empty slots.
+    """
+    B, L, _ = x_BLD.shape
+    if positions is None:
+        offset_B = jnp.zeros((B,), jnp.int32) if state is None else state["index_B"]
+        positions = offset_B[:, None] + jnp.arange(L, dtype=jnp.int32)[None, :]
+    q_BLHK = _project(x_BLD, params["wq_DHK"], params.get("bq_HK"))
+    k_BLGK = _project(x_BLD, params["wk_DGK"], params.get("bk_GK"))
+    v_BLGK = _project(x_BLD, params["wv_DGK"], params.get("bv_GK"))
+    if cfg.qk_norm:
+        q_BLHK = norms.rms_norm(q_BLHK, params["q_norm"]["scale"], 1e-6)
+        k_BLGK = norms.rms_norm(k_BLGK, params["k_norm"]["scale"], 1e-6)
+    if cfg.rope is not None:
+        q_BLHK = apply_rope(q_BLHK, positions, cfg=cfg.rope)
+        k_BLGK = apply_rope(k_BLGK, positions, cfg=cfg.rope)
+
+    if state is None:
+        k_pos_BS, k_seg_BS, k_BSGK, v_BSGK = positions, segment_ids, k_BLGK, v_BLGK
+        q_seg_BL = segment_ids
+        new_state = None
+    else:
+        slot_pos_BL = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
+        index_B = state["index_B"]
+        new_state = {
+            "k_BTGK": _write(state["k_BTGK"], k_BLGK, index_B),
+            "v_BTGK": _write(state["v_BTGK"], v_BLGK, index_B),
+            "pos_BT": _write(state["pos_BT"], slot_pos_BL, index_B),
+            "index_B": index_B + L,
+        }
+        k_pos_BS, k_BSGK, v_BSGK = new_state["pos_BT"], new_state["k_BTGK"], new_state["v_BTGK"]
+        k_BSGK, v_BSGK = k_BSGK.astype(x_BLD.dtype), v_BSGK.astype(x_BLD.dtype)
+        q_seg_BL = k_seg_BS = None
+
+    slopes = jnp.asarray(alibi_slopes(cfg.n_heads)) if cfg.alibi else None
+    o_BLHK = attention_core.attend(
+        q_BLHK, k_BSGK, v_BSGK, q_pos_BL=positions, k_pos_BS=k_pos_BS,
+        q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS, causal=cfg.causal, window=cfg.sliding_window,
+        softcap=cfg.logit_softcap, scale=cfg.scale, alibi_slopes_H=slopes, impl=cfg.impl)
+    y_BLD = jnp.einsum("BLHK,HKD->BLD", o_BLHK, params["wo_HKD"].astype(x_BLD.dtype),
+                       preferred_element_type=jnp.float32)
+    if "bo_D" in params:
+        y_BLD = y_BLD + params["bo_D"].astype(jnp.float32)[None, None]
+    return y_BLD.astype(x_BLD.dtype), new_state
+
+
+def step(params: dict, x_BD: "Float[Array, 'B D']", state: dict, *,
+         cfg: AttentionConfig) -> tuple["Float[Array, 'B D']", dict]:
+    y_B1D, state = forward(params, x_BD[:, None, :], cfg=cfg, state=state)
+    return y_B1D[:, 0], state

@@ -1,0 +1,125 @@
+"""The attention math, in one function that every attention layer calls.
+
+`attend` takes queries, keys and values with their token positions (and optional segment ids)
+and builds the mask from them: causal order, sliding window, packed-sequence segments and empty
+cache slots (position < 0) are all comparisons of positions, so a training batch, a prefill and a
+one-token decode step go through the same code. `impl` picks the implementation:
+
+- "xla": grouped einsums; K/V heads are never repeated to the query heads (GQA/MQA for free).
+- "reference": the slow obvious version (K/V repeated per head); the yardstick in tests.
+- "pallas": reserved for the kernel issue; raises until a kernel is registered.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from jaxtyping import Array, Bool, Float, Int
+
+IMPLS = ("xla", "reference", "pallas")
+
+# Kernels register themselves here (pallas_kernels imports stay out of the layer's import path).
+KERNELS: dict[str, Callable] = {}
+
+
+def make_mask(q_pos_BL: "Int[Array, 'B L']", k_pos_BS: "Int[Array, 'B S']", *,
+              causal: bool, window: int | None,
+              q_seg_BL: "Int[Array, 'B L'] | None" = None,
+              k_seg_BS: "Int[Array, 'B S'] | None" = None) -> "Bool[Array, 'B L S']":
+    """True where query l may attend key s. Keys with negative position are empty slots."""
+    q = q_pos_BL[:, :, None]
+    k = k_pos_BS[:, None, :]
+    mask = jnp.broadcast_to(k >= 0, (q.shape[0], q.shape[1], k.shape[2]))
+    if causal:
+        mask = mask & (k <= q)
+    if window is not None:
+        # Mistral convention: W keys including the current one.
+        dist = (q - k) if causal else jnp.abs(q - k)
+        mask = mask & (dist < window)
+    if q_seg_BL is not None and k_seg_BS is not None:
+        mask = mask & (q_seg_BL[:, :, None] == k_seg_BS[:, None, :])
+    return mask
+
+
+def alibi_bias(slopes_H: "Float[Array, 'H']", q_pos_BL, k_pos_BS, *, causal: bool) -> "Float[Array, 'B H L S']":
+    dist_BLS = (q_pos_BL[:, :, None] - k_pos_BS[:, None, :]).astype(jnp.float32)
+    if not causal:
+        dist_BLS = jnp.abs(dist_BLS)
+    return -slopes_H.astype(jnp.float32)[None, :, None, None] * dist_BLS[:, None, :, :]
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """fp32 softmax over the last axis; rows with no allowed key give zeros, not NaN."""
+    logits = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def _softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
+           v_BSGK: "Float[Array, 'B S G K']", *,
+           q_pos_BL: "Int[Array, 'B L']", k_pos_BS: "Int[Array, 'B S']",
+           q_seg_BL: "Int[Array, 'B L'] | None" = None, k_seg_BS: "Int[Array, 'B S'] | None" = None,
+           causal: bool = True, window: int | None = None, softcap: float | None = None,
+           scale: float | None = None, alibi_slopes_H: "Float[Array, 'H'] | None" = None,
+           impl: str = "xla") -> "Float[Array, 'B L H K']":
+    """Scaled dot-product attention; H query heads share G = H / R key/value heads."""
+    B, L, H, K = q_BLHK.shape
+    G = k_BSGK.shape[2]
+    if H % G:
+        raise ValueError(f"attend: query heads H={H} must be a multiple of key/value heads G={G}")
+    if k_BSGK.shape != v_BSGK.shape:
+        raise ValueError(f"attend: k shape {k_BSGK.shape} != v shape {v_BSGK.shape}")
+    if impl not in IMPLS:
+        raise ValueError(f"attend: impl must be one of {IMPLS}, got {impl!r}")
+    scale = K ** -0.5 if scale is None else scale
+    mask_BLS = make_mask(q_pos_BL, k_pos_BS, causal=causal, window=window,
+                         q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS)
+    bias_BHLS = None if alibi_slopes_H is None else alibi_bias(alibi_slopes_H, q_pos_BL, k_pos_BS, causal=causal)
+    if impl == "pallas":
+        if "pallas" not in KERNELS:
+            raise ValueError("attend: impl='pallas' needs a registered kernel; none is available yet")
+        return KERNELS["pallas"](q_BLHK, k_BSGK, v_BSGK, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS,
+                                 scale=scale, softcap=softcap)
+    if impl == "reference":
+        return attend_reference(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, scale=scale, softcap=softcap)
+    return _attend_grouped(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, scale=scale, softcap=softcap)
+
+
+def _attend_grouped(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, *, scale, softcap):
+    B, L, H, K = q_BLHK.shape
+    G = k_BSGK.shape[2]
+    R = H // G
+    q_BLGRK = q_BLHK.reshape(B, L, G, R, K)
+    logits_BGRLS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BLGRK, k_BSGK,
+                              preferred_element_type=jnp.float32) * scale
+    logits_BGRLS = _softcap(logits_BGRLS, softcap)
+    if bias_BHLS is not None:
+        logits_BGRLS = logits_BGRLS + bias_BHLS.reshape(B, G, R, L, -1)
+    p_BGRLS = _masked_softmax(logits_BGRLS, mask_BLS[:, None, None, :, :])
+    o_BLGRK = jnp.einsum("BGRLS,BSGK->BLGRK", p_BGRLS.astype(v_BSGK.dtype), v_BSGK,
+                         preferred_element_type=jnp.float32)
+    return o_BLGRK.reshape(B, L, H, K).astype(q_BLHK.dtype)
+
+
+def attend_reference(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS=None, *, scale, softcap=None):
+    """Materialise the per-head K/V and the full score matrix; all math in fp32."""
+    H, G = q_BLHK.shape[2], k_BSGK.shape[2]
+    k_BSHK = jnp.repeat(k_BSGK.astype(jnp.float32), H // G, axis=2)
+    v_BSHK = jnp.repeat(v_BSGK.astype(jnp.float32), H // G, axis=2)
+    logits_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK.astype(jnp.float32), k_BSHK) * scale
+    logits_BHLS = _softcap(logits_BHLS, softcap)
+    if bias_BHLS is not None:
+        logits_BHLS = logits_BHLS + bias_BHLS
+    p_BHLS = _masked_softmax(logits_BHLS, mask_BLS[:, None, :, :])
+    return jnp.einsum("BHLS,BSHK->BLHK", p_BHLS, v_BSHK).astype(q_BLHK.dtype)

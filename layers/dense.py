@@ -1,0 +1,26 @@
+"""Dense projections as einsums over named axes, computed in the activation dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from layers.norms import trailing
+from layers.params import ParamSpec, fan_in_normal, zeros
+
+
+def param_specs(d_in: int, d_out: int, axes: tuple[str, str], *, use_bias: bool = False,
+                scale: float = 1.0) -> dict[str, ParamSpec]:
+    specs = {"w": ParamSpec((d_in, d_out), axes, fan_in_normal((0,), scale))}
+    if use_bias:
+        specs["b"] = ParamSpec((d_out,), (axes[1],), zeros)
+    return specs
+
+
+def forward(params: dict, x: jax.Array) -> jax.Array:
+    """x [..., d_in] -> [..., d_out]; fp32 accumulation, result in x's dtype."""
+    y = jnp.einsum("...i,io->...o", x, params["w"].astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    if "b" in params:
+        y = y + trailing(params["b"].astype(jnp.float32), y.ndim)
+    return y.astype(x.dtype)

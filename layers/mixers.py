@@ -1,0 +1,42 @@
+"""Registry of sequence mixers: a mixer config's class names the module that runs it.
+
+Every registered module provides the mixer protocol (DESIGN.md):
+  param_specs(cfg) -> specs
+  init(key, cfg) -> params
+  forward(params, x_BLD, *, cfg, state=None, positions=None, segment_ids=None) -> (y_BLD, state)
+  init_state(cfg, batch_size, max_len, dtype) -> state
+  step(params, x_BD, state, *, cfg) -> (y_BD, state)
+Blocks look the module up here, so a new family is one module plus one `register` call.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+_REGISTRY: dict[type, ModuleType] = {}
+PROTOCOL = ("param_specs", "init", "forward", "init_state", "step")
+
+
+def register(config_cls: type, module: ModuleType) -> None:
+    missing = [f for f in PROTOCOL if not callable(getattr(module, f, None))]
+    if missing:
+        raise TypeError(f"mixer module {module.__name__} lacks protocol functions {missing}")
+    _REGISTRY[config_cls] = module
+
+
+def module_for(cfg: Any) -> ModuleType:
+    try:
+        return _REGISTRY[type(cfg)]
+    except KeyError:
+        known = sorted(c.__name__ for c in _REGISTRY)
+        raise TypeError(f"no mixer registered for config type {type(cfg).__name__}; known: {known}") from None
+
+
+def _register_builtin() -> None:
+    from layers import attention
+
+    register(attention.AttentionConfig, attention)
+
+
+_register_builtin()

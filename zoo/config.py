@@ -1,0 +1,115 @@
+"""Model configuration: frozen, hashable, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+from layers import checks, mixers
+from layers.mlp import MLPConfig
+from layers.norms import NormConfig
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable",
+                  "dots_with_no_batch_dims_saveable", "everything_saveable")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    """One residual block: x + mixer(norm(x)), then x + ffn(norm(x)).
+
+    Attributes:
+      mixer: a registered mixer config (e.g. layers.attention.AttentionConfig).
+      ffn: channel mixer config, or None for a mixer-only block (Mamba-style).
+      norm: the normalisation used around both sub-layers.
+      norm_position: "pre" (x + f(norm(x))), "post" (norm(x + f(x)), original Transformer/BERT),
+        or "sandwich" (x + norm(f(norm(x))), Gemma 2).
+      parallel: x + mixer(norm(x)) + ffn(norm(x)) with one shared norm (GPT-J, PaLM).
+    """
+
+    mixer: Any
+    ffn: MLPConfig | None
+    norm: NormConfig = NormConfig()
+    norm_position: Literal["pre", "post", "sandwich"] = "pre"
+    parallel: bool = False
+
+    def __post_init__(self):
+        mixers.module_for(self.mixer)  # raises for unknown mixer types
+        checks.one_of("BlockConfig", "norm_position", self.norm_position, ("pre", "post", "sandwich"))
+        if self.parallel and (self.ffn is None or self.norm_position != "pre"):
+            raise checks.ConfigError("BlockConfig.parallel=True needs an ffn and norm_position='pre'")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder: embed -> n_layers blocks (the pattern repeated) -> norm -> unembed.
+
+    Attributes:
+      vocab_size: V.
+      d_model: D; every block's mixer and ffn must use it.
+      n_layers: total blocks; a multiple of len(pattern).
+      pattern: the blocks of one repeat, e.g. (local, global) for Gemma 2.
+      max_len: longest sequence (learned position table size, default cache length).
+      position: absolute positions added to the embedding: "none" (RoPE/ALiBi live in the
+        mixer), "learned" (GPT-2) or "sinusoidal".
+      tie_embeddings: unembed with the embedding table.
+      final_norm: norm before the unembedding.
+      final_logit_softcap: logits become cap * tanh(logits / cap) (Gemma 2).
+      embed_scale: multiply embeddings by this (Gemma: sqrt(d_model)); None for 1.
+      dtype: compute dtype name; params are stored in param_dtype.
+      param_dtype: storage dtype name of the parameters.
+      scan_layers: run the repeats with lax.scan (compile time independent of depth);
+        False unrolls them, with identical numbers.
+      remat: rematerialisation policy name for each repeat (REMAT_POLICIES).
+      init_std: std of the embedding initialisation.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    pattern: tuple[BlockConfig, ...]
+    max_len: int = 2048
+    position: Literal["none", "learned", "sinusoidal"] = "none"
+    tie_embeddings: bool = False
+    final_norm: NormConfig = NormConfig()
+    final_logit_softcap: float | None = None
+    embed_scale: float | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        name = "ModelConfig"
+        for f in ("vocab_size", "d_model", "n_layers", "max_len"):
+            checks.positive(name, f, getattr(self, f))
+        if not isinstance(self.pattern, tuple) or not self.pattern:
+            checks.fail(name, "pattern", "a non-empty tuple of BlockConfig", self.pattern)
+        if self.n_layers % len(self.pattern):
+            raise checks.ConfigError(
+                f"{name}.n_layers={self.n_layers} must be a multiple of len(pattern)={len(self.pattern)}")
+        for i, block in enumerate(self.pattern):
+            if not isinstance(block, BlockConfig):
+                checks.fail(name, f"pattern[{i}]", "a BlockConfig", block)
+            for part in ("mixer", "ffn"):
+                sub = getattr(block, part)
+                if sub is not None and sub.d_model != self.d_model:
+                    raise checks.ConfigError(
+                        f"{name}.pattern[{i}].{part}.d_model={sub.d_model} differs from d_model={self.d_model}")
+        checks.one_of(name, "position", self.position, ("none", "learned", "sinusoidal"))
+        checks.one_of(name, "dtype", self.dtype, tuple(DTYPES))
+        checks.one_of(name, "param_dtype", self.param_dtype, tuple(DTYPES))
+        checks.one_of(name, "remat", self.remat, REMAT_POLICIES)
+        if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
+            checks.fail(name, "final_logit_softcap", "a positive float or None", self.final_logit_softcap)
+
+    @property
+    def n_repeats(self) -> int:
+        return self.n_layers // len(self.pattern)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]

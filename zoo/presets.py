@@ -1,0 +1,119 @@
+"""Named model configurations. Tiny presets run on a laptop CPU (byte-level vocabulary);
+full-size ones carry the published shapes for compile and memory reports.
+
+`get(name, **overrides)` rebuilds the preset from its keyword arguments, so an override such as
+`d_model=128` reaches every block that depends on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+from layers import checks
+from layers.attention import AttentionConfig
+from layers.mlp import MLPConfig
+from layers.norms import NormConfig
+from layers.positions import RopeConfig
+from zoo.config import BlockConfig, ModelConfig
+
+_PRESETS: dict[str, tuple[Callable[..., ModelConfig], dict]] = {}
+
+# Overrides accepted by every builder besides its architecture-specific ones.
+_MODEL_FIELDS = ("max_len", "dtype", "param_dtype", "scan_layers", "remat", "init_std", "impl")
+
+
+def register(name: str, builder: Callable[..., ModelConfig], **defaults) -> None:
+    _PRESETS[name] = (builder, defaults)
+
+
+def names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get(name: str, **overrides) -> ModelConfig:
+    """The preset `name` with keyword overrides (vocab_size, d_model, n_layers, n_heads, ...)."""
+    if name not in _PRESETS:
+        raise ValueError(f"preset: unknown name {name!r}; known presets: {', '.join(names())}")
+    builder, defaults = _PRESETS[name]
+    unknown = sorted(set(overrides) - set(defaults) - set(_MODEL_FIELDS))
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown override(s) {unknown}; "
+                         f"accepted: {sorted(set(defaults) | set(_MODEL_FIELDS))}")
+    return builder(**{**defaults, **overrides})
+
+
+def _finish(cfg_kwargs: dict, extra: dict) -> ModelConfig:
+    """Apply the model-wide overrides (dtype, remat, ...) and the attention impl."""
+    impl = extra.pop("impl", None)
+    if impl is not None:
+        cfg_kwargs["pattern"] = tuple(
+            dataclasses.replace(b, mixer=dataclasses.replace(b.mixer, impl=impl)) for b in cfg_kwargs["pattern"])
+    return ModelConfig(**cfg_kwargs, **extra)
+
+
+def _attn(d_model, n_heads, n_kv_heads, head_dim=None, **kw) -> AttentionConfig:
+    return AttentionConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, **kw)
+
+
+def gpt2(*, vocab_size, d_model, n_layers, n_heads, d_ff, max_len, **extra) -> ModelConfig:
+    """GPT-2: learned positions, LayerNorm, GELU MLP, biases everywhere, tied embeddings."""
+    norm = NormConfig(kind="layer", eps=1e-5)
+    block = BlockConfig(
+        mixer=_attn(d_model, n_heads, n_heads, rope=None, use_bias=True, out_bias=True),
+        ffn=MLPConfig(d_model=d_model, d_ff=d_ff, activation="gelu_tanh", gated=False, use_bias=True),
+        norm=norm)
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
+                        max_len=max_len, position="learned", tie_embeddings=True, final_norm=norm), extra)
+
+
+def llama(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_len, rope_theta=10000.0,
+          sliding_window=None, rope_scaling=None, rope_factor=1.0, tie_embeddings=False,
+          norm_eps=1e-5, **extra) -> ModelConfig:
+    """Llama / Mistral: RMSNorm, RoPE (half rotation), SwiGLU, GQA, optional sliding window."""
+    rope = RopeConfig(theta=rope_theta, scaling=rope_scaling, factor=rope_factor,
+                      original_max_len=max_len if rope_scaling is None else 8192)
+    norm = NormConfig(kind="rms", eps=norm_eps)
+    block = BlockConfig(
+        mixer=_attn(d_model, n_heads, n_kv_heads, rope=rope, sliding_window=sliding_window),
+        ffn=MLPConfig(d_model=d_model, d_ff=d_ff, activation="silu", gated=True),
+        norm=norm)
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
+                        max_len=max_len, tie_embeddings=tie_embeddings, final_norm=norm), extra)
+
+
+def gemma2(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_len,
+           sliding_window, attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=None,
+           **extra) -> ModelConfig:
+    """Gemma 2: alternating local (sliding window) and global attention, sandwich RMSNorms with
+    weights around zero, GeGLU, attention and final logit softcaps, embeddings scaled by sqrt(D)."""
+    norm = NormConfig(kind="rms", eps=1e-6, scale_offset=1.0)
+    scale = (query_pre_attn_scalar or head_dim) ** -0.5
+    ffn = MLPConfig(d_model=d_model, d_ff=d_ff, activation="gelu_tanh", gated=True)
+
+    def block(window):
+        mixer = _attn(d_model, n_heads, n_kv_heads, head_dim, rope=RopeConfig(theta=10000.0),
+                      sliding_window=window, logit_softcap=attn_softcap, query_scale=scale)
+        return BlockConfig(mixer=mixer, ffn=ffn, norm=norm, norm_position="sandwich")
+
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                        pattern=(block(sliding_window), block(None)), max_len=max_len,
+                        tie_embeddings=True, final_norm=norm, final_logit_softcap=final_softcap,
+                        embed_scale=math.sqrt(d_model)), extra)
+
+
+_TINY = dict(vocab_size=256, d_model=64, n_layers=2, max_len=256)
+register("gpt2-tiny", gpt2, **_TINY, n_heads=4, d_ff=256)
+register("llama-tiny", llama, **_TINY, n_heads=4, n_kv_heads=2, d_ff=172)
+register("mistral-tiny", llama, **_TINY, n_heads=4, n_kv_heads=2, d_ff=172, sliding_window=16)
+register("gemma2-tiny", gemma2, **_TINY, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, sliding_window=16)
+
+# Published shapes (for AOT compile and memory reports; too large to train on a CPU).
+register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)
+register("llama3-8b", llama, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+         d_ff=14336, max_len=8192, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0)
+register("mistral-7b", llama, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+         d_ff=14336, max_len=32768, sliding_window=4096)
+register("gemma2-2b", gemma2, vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4,
+         head_dim=256, d_ff=9216, max_len=8192, sliding_window=4096, query_pre_attn_scalar=256)
