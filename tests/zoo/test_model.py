@@ -1,0 +1,213 @@
+"""The model API: forward vs step for every preset, scan vs unrolled, remat, compile counts,
+causality, dtypes and validation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo
+from layers.checks import ConfigError
+
+TINY = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "gemma2-tiny"]
+B, L = 2, 24  # longer than the tiny presets' sliding window (16)
+
+
+def _tokens(cfg, seed=0, shape=(B, L)):
+    return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size, jnp.int32)
+
+
+def _scaled_params(cfg, seed=0, scale=4.0):
+    """Tiny random models with init 0.02 barely exercise softcaps and windows: scale up."""
+    params = zoo.init(jax.random.key(seed), cfg)
+    return jax.tree.map(lambda p: p * scale if p.ndim >= 2 else p, params)
+
+
+def test_presets_listed():
+    names = zoo.presets.names()
+    for n in TINY:
+        assert n in names
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_equals_step_by_step(name):
+    cfg = zoo.presets.get(name)
+    params = _scaled_params(cfg)
+    tokens = _tokens(cfg)
+    logits = zoo.forward(params, tokens, cfg=cfg)
+    assert logits.shape == (B, L, cfg.vocab_size) and logits.dtype == jnp.float32
+    state = zoo.init_state(cfg, B, L)
+    steps = []
+    for t in range(L):
+        lt, state = zoo.step(params, tokens[:, t], state, cfg=cfg)
+        steps.append(lt)
+    np.testing.assert_allclose(np.stack(steps, 1), np.asarray(logits), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gemma2-tiny"])
+def test_prefill_then_decode_equals_forward(name):
+    cfg = zoo.presets.get(name)
+    params = _scaled_params(cfg, seed=1)
+    tokens = _tokens(cfg, seed=1)
+    logits = zoo.forward(params, tokens, cfg=cfg)
+    state = zoo.init_state(cfg, B, L + 4)
+    first, state = zoo.forward(params, tokens[:, :17], cfg=cfg, state=state)
+    rest, state = zoo.forward(params, tokens[:, 17:], cfg=cfg, state=state)
+    np.testing.assert_allclose(np.concatenate([first, rest], 1), np.asarray(logits), rtol=2e-4, atol=2e-4)
+
+
+def test_step_compiles_once_for_32_tokens():
+    cfg = zoo.presets.get("llama-tiny", n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+    params = zoo.init(jax.random.key(0), cfg)
+    state = zoo.init_state(cfg, 1, 32)
+    before = zoo.model._step_jit._cache_size()
+    tokens = _tokens(cfg, shape=(1, 32))
+    for t in range(32):
+        _, state = zoo.step(params, tokens[:, t], state, cfg=cfg)
+    assert zoo.model._step_jit._cache_size() - before == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "gemma2-tiny"])
+def test_scan_and_unrolled_layers_agree(name):
+    cfg = zoo.presets.get(name, n_layers=4)
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    params = _scaled_params(cfg, seed=2)
+    tokens = _tokens(cfg, seed=2)
+    np.testing.assert_allclose(np.asarray(zoo.forward(params, tokens, cfg=unrolled)),
+                               np.asarray(zoo.forward(params, tokens, cfg=cfg)), rtol=1e-5, atol=1e-5)
+
+
+def test_remat_policies_give_the_same_gradients():
+    base = zoo.presets.get("llama-tiny", n_layers=2)
+    params = zoo.init(jax.random.key(3), base)
+    tokens = _tokens(base, seed=3)
+
+    def grads(cfg):
+        def loss(p):
+            logits = zoo.model._forward(p, tokens, cfg)[0]
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+                logits, tokens[..., None], -1)[..., 0])
+        return jax.jit(jax.grad(loss))(params)
+
+    want = grads(base)
+    for policy in ("full", "dots_saveable", "nothing_saveable", "dots_with_no_batch_dims_saveable"):
+        got = grads(dataclasses.replace(base, remat=policy))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gemma2-tiny"])
+def test_causality_gradient_through_the_block_stack(name):
+    """d output[t] / d input[s] is exactly zero for s > t, and non-zero for s <= t."""
+    cfg = zoo.presets.get(name)
+    params = zoo.init(jax.random.key(4), cfg)
+    x_BLD = jax.random.normal(jax.random.key(5), (B, L, cfg.d_model))
+    pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    t = 9
+
+    def out_t(x):
+        y, _ = zoo.model._run_blocks(params["blocks"], x, cfg, None, pos_BL, None)
+        return jnp.sum(y[:, t])
+
+    g = np.asarray(jax.grad(out_t)(x_BLD))
+    assert np.all(g[:, t + 1:] == 0.0)
+    assert np.all(np.abs(g[:, : t + 1]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_future_tokens_do_not_change_past_logits(name):
+    cfg = zoo.presets.get(name)
+    params = _scaled_params(cfg, seed=4)
+    tokens = _tokens(cfg, seed=4)
+    t = 9
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % cfg.vocab_size)
+    a = zoo.forward(params, tokens, cfg=cfg)
+    b = zoo.forward(params, changed, cfg=cfg)
+    np.testing.assert_array_equal(np.asarray(a[:, : t + 1]), np.asarray(b[:, : t + 1]))
+    assert not np.allclose(np.asarray(a[:, t + 1:]), np.asarray(b[:, t + 1:]))
+
+
+def test_bf16_compute_close_to_fp32():
+    cfg = zoo.presets.get("llama-tiny")
+    params = zoo.init(jax.random.key(5), cfg)
+    tokens = _tokens(cfg, seed=5)
+    l32 = zoo.forward(params, tokens, cfg=cfg)
+    l16 = zoo.forward(params, tokens, cfg=dataclasses.replace(cfg, dtype="bfloat16"))
+    assert l16.dtype == jnp.float32  # logits stay fp32 for the loss
+    np.testing.assert_allclose(np.asarray(l16), np.asarray(l32), rtol=0.05, atol=0.05)
+
+
+def test_param_specs_match_params_and_carry_logical_axes():
+    cfg = zoo.presets.get("gemma2-tiny")
+    specs = zoo.param_specs(cfg)
+    params = zoo.init(jax.random.key(0), cfg)
+    from layers import params as P
+    abstract = P.abstract(specs)
+    assert jax.tree.structure(abstract) == jax.tree.structure(params)
+    for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)):
+        assert a.shape == p.shape and a.dtype == p.dtype
+    for spec in jax.tree.leaves(specs, is_leaf=P.is_spec):
+        assert len(spec.logical_axes) == len(spec.shape)
+        assert all(isinstance(a, str) for a in spec.logical_axes)
+    # Stacked block params lead with the layers axis.
+    wq = specs["blocks"][0]["mixer"]["wq_DHK"]
+    assert wq.logical_axes == ("layers", "embed", "heads", "head_dim") and wq.shape[0] == cfg.n_repeats
+
+
+def test_real_preset_shapes_without_memory():
+    specs = zoo.param_specs(zoo.presets.get("llama3-8b"))
+    from layers import params as P
+    n = P.count(specs)
+    assert 7.5e9 < n < 8.5e9, n
+
+
+@pytest.mark.parametrize("override, field", [
+    (dict(n_heads=3), "n_heads"),           # 64 not divisible by 3
+    (dict(n_kv_heads=3), "n_kv_heads"),     # does not divide 4 heads
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(n_layers=0), "n_layers"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(dtype="float8"), "dtype"),
+])
+def test_config_validation_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field):
+        zoo.presets.get("mistral-tiny", **override)
+
+
+def test_gemma_pattern_needs_even_layers():
+    with pytest.raises(ConfigError, match="n_layers=3"):
+        zoo.presets.get("gemma2-tiny", n_layers=3)
+
+
+def test_unknown_preset_and_override():
+    with pytest.raises(ValueError, match="no-such-model"):
+        zoo.presets.get("no-such-model")
+    with pytest.raises(ValueError, match="n_experts"):
+        zoo.presets.get("llama-tiny", n_experts=4)
+
+
+def test_bad_tokens_are_rejected_with_clear_errors():
+    cfg = zoo.presets.get("llama-tiny")
+    params = zoo.init(jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match=r"tokens.*vocab_size=256.*\[300, 300\]"):
+        zoo.forward(params, jnp.full((1, 4), 300, jnp.int32), cfg=cfg)
+    with pytest.raises(ValueError, match="rank 2"):
+        zoo.forward(params, jnp.zeros((4,), jnp.int32), cfg=cfg)
+    with pytest.raises(TypeError, match="integer"):
+        zoo.forward(params, jnp.zeros((1, 4), jnp.float32), cfg=cfg)
+    state = zoo.init_state(cfg, 1, 4)
+    with pytest.raises(ValueError, match="tokens.*-1"):
+        zoo.step(params, jnp.array([-1], jnp.int32), state, cfg=cfg)
+    with pytest.raises(TypeError, match="cfg"):
+        zoo.forward(params, jnp.zeros((1, 4), jnp.int32), cfg={"d_model": 64})
+
+
+def test_full_cache_is_refused():
+    cfg = zoo.presets.get("llama-tiny")
+    params = zoo.init(jax.random.key(0), cfg)
+    state = zoo.init_state(cfg, 1, 3)
+    _, state = zoo.forward(params, jnp.ones((1, 3), jnp.int32), cfg=cfg, state=state)
+    with pytest.raises(ValueError, match="max_len"):
+        zoo.step(params, jnp.ones((1,), jnp.int32), state, cfg=cfg)
