@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -40,9 +41,9 @@ def array(name: str, x: Any, *, rank: int | None = None, kind: str | None = None
         raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
     if rank is not None and x.ndim != rank:
         raise ValueError(f"{name}: expected rank {rank}, got shape {tuple(x.shape)} (rank {x.ndim})")
-    if kind == "i" and not np.issubdtype(x.dtype, np.integer):
+    if kind == "i" and not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {x.dtype}")
-    if kind == "f" and not np.issubdtype(x.dtype, np.floating):
+    if kind == "f" and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
     if shape is not None:
         if len(shape) != x.ndim or any(s is not None and s != d for s, d in zip(shape, x.shape)):
