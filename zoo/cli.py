@@ -1,0 +1,155 @@
+"""The `zoo` command line.
+
+    zoo train --preset llama-tiny --steps 300 --prompt "def "
+
+trains a preset on the built-in corpus (the Python standard library's own sources), prints
+loss lines and the validation bits per byte, then a greedy sample continuing the prompt.
+Bad flags end with a one-line error naming the flag and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Callable, Sequence
+
+# Model fields a user may override from the command line: flag dest -> preset keyword.
+MODEL_OVERRIDES = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len")
+
+
+def _number(kind: type, lo: float | None, what: str, *, strict: bool = True) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or (
+                lo is not None and (value <= lo if strict else value < lo)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 0, "a positive integer")
+non_negative_int = _number(int, 0, "a non-negative integer", strict=False)
+positive_float = _number(float, 0.0, "a positive number")
+non_negative_float = _number(float, 0.0, "a non-negative number", strict=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import zoo
+
+    parser = argparse.ArgumentParser(prog="zoo", description="JAX model zoo command line.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train a preset on the built-in corpus and sample from it",
+                       description="Train a preset on the Python standard library's sources (byte "
+                                   "level), report validation bits per byte and print a greedy sample.")
+    t.add_argument("--preset", default="llama-tiny",
+                   help=f"model preset (default llama-tiny); one of: {', '.join(zoo.presets.names())}")
+    t.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="windows per step (default 16)")
+    t.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window (default 128)")
+    t.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default 3e-3)")
+    t.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="linear warmup steps (default: min(20, steps // 10))")
+    t.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW decay (default 0.1)")
+    t.add_argument("--clip-norm", type=positive_float, default=1.0, help="global gradient norm clip (default 1)")
+    t.add_argument("--seed", type=non_negative_int, default=0, help="init and data seed (default 0)")
+    t.add_argument("--log-every", type=positive_int, default=None,
+                   help="print a loss line every N steps (default: about 10 lines per run)")
+    t.add_argument("--max-bytes", type=positive_int, default=None,
+                   help="use only the first N bytes of the corpus (default: all of it)")
+    t.add_argument("--prompt", default="def ", help="sample prompt (default 'def ')")
+    t.add_argument("--sample-tokens", type=non_negative_int, default=120,
+                   help="greedy tokens to sample after training; 0 skips sampling (default 120)")
+    t.set_defaults(run=cmd_train, subparser=t)
+    g = t.add_argument_group("model overrides (default: the preset's values)")
+    for name in MODEL_OVERRIDES:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=positive_int, default=None)
+    return parser
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _model_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import zoo
+
+    if args.preset not in zoo.presets.names():
+        parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(zoo.presets.names())}")
+    overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
+    try:
+        return zoo.presets.get(args.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0]
+        named = [k for k in overrides if re.search(rf"\b{k}\b", msg)] or list(overrides)
+        flags = "/".join(_flag(k) for k in named) or "--preset"
+        parser.error(f"{flags}: {msg}")
+
+
+def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    from layers.checks import ConfigError
+    from zoo.train import TrainConfig
+
+    warmup = min(20, args.steps // 10) if args.warmup_steps is None else args.warmup_steps
+    log_every = max(1, args.steps // 10) if args.log_every is None else args.log_every
+    try:
+        return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                           warmup_steps=warmup, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+                           seed=args.seed, log_every=log_every)
+    except ConfigError as e:
+        m = re.match(r"TrainConfig\.(\w+)", str(e))
+        parser.error(f"{_flag(m.group(1)) if m else '--steps'}: {e}")
+
+
+def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import jax
+    import numpy as np
+
+    from zoo import data, generate, train
+
+    cfg = _model_config(args, parser)
+    tcfg = _train_config(args, parser)
+    tokenizer = data.ByteTokenizer()
+    if cfg.vocab_size < tokenizer.vocab_size:
+        parser.error(f"--preset: {args.preset!r} has vocab_size={cfg.vocab_size}; the byte-level corpus "
+                     f"needs {tokenizer.vocab_size}")
+    if args.seq_len > cfg.max_len:
+        parser.error(f"--seq-len: {args.seq_len} exceeds the model's max_len={cfg.max_len}")
+    prompt_ids = tokenizer.encode(args.prompt)
+    if args.sample_tokens:
+        if prompt_ids.size == 0:
+            parser.error("--prompt: expected a non-empty prompt to sample from")
+        if prompt_ids.size + args.sample_tokens > cfg.max_len:
+            parser.error(f"--sample-tokens: prompt ({prompt_ids.size} bytes) + {args.sample_tokens} tokens "
+                         f"exceeds the model's max_len={cfg.max_len}")
+
+    corpus = data.builtin_corpus(args.max_bytes)
+    min_bytes = int((args.seq_len + 1) / 0.95) + 2
+    if len(corpus) < min_bytes:
+        parser.error(f"--max-bytes: {len(corpus)} bytes is too little for --seq-len {args.seq_len}")
+    print(f"preset {args.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} max_len={cfg.max_len} "
+          f"on {jax.devices()[0].platform}; corpus {len(corpus):,} bytes of Python stdlib source")
+    t0 = time.perf_counter()
+    params, _history = train.train(cfg, tcfg, data=corpus)
+    print(f"trained in {time.perf_counter() - t0:.1f}s")
+    if args.sample_tokens:
+        out_BN = generate.greedy(params, prompt_ids[None, :], cfg, args.sample_tokens)
+        text = tokenizer.decode(np.asarray(out_BN[0]))
+        print(f"--- greedy sample ({args.sample_tokens} tokens after {args.prompt!r}) ---")
+        print(args.prompt + text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.run(args, args.subparser)  # errors after parsing report through the subcommand
+
+
+if __name__ == "__main__":
+    sys.exit(main())

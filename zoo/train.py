@@ -1,0 +1,321 @@
+"""Training: config, optimizer, loss, a compiled-once train step, and a small training loop.
+
+The step is one `jax.jit` with the model config closed over (static) and the params and
+optimizer state donated, so a run compiles once per batch shape and updates in place. A step
+whose loss or gradient norm is not finite leaves params and optimizer state unchanged, so
+the loop can stop (or skip the batch) without a corrupted model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import zoo
+from layers import checks
+from zoo import data as zdata
+
+if TYPE_CHECKING:
+    from jaxtyping import Array, Float, Int
+
+#: Leaf names that are never weight-decayed whatever their rank: norm scales and biases, also
+#: in their shape-suffixed forms ("bq_HK", "bo_D", "scale_D"). Stacked layers make a per-layer
+#: vector 2-D and per-head biases are 2-D already, so rank alone cannot tell.
+_NO_DECAY_LEAF = re.compile(r"^(b|bias|scale)$|^b[a-z]?_[A-Z]+$|^(bias|scale)_[A-Za-z]+$")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or gradient norm) became NaN or infinite."""
+
+
+def _positive_float(owner: str, field: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        checks.fail(owner, field, "a positive finite float", value)
+
+
+def _in_range(owner: str, field: str, value: Any, lo: float, hi: float, *, hi_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value and (
+        value < hi if hi_open else value <= hi)
+    if not ok:
+        checks.fail(owner, field, f"a float in [{lo}, {hi}{')' if hi_open else ']'}", value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Attributes:
+    steps: optimizer steps.
+    batch_size, seq_len: each step sees batch_size windows of seq_len tokens.
+    lr: peak learning rate, reached after warmup_steps (linear from 0), then cosine decay to
+      lr * min_lr_ratio at the last step.
+    warmup_steps: in [0, steps).
+    weight_decay: decoupled (AdamW) decay of matrices; norm scales, biases and embedding
+      tables are not decayed (see `decay_mask`).
+    b1, b2: Adam moment decay rates.
+    clip_norm: gradients are rescaled to at most this global norm.
+    seed: seeds parameter init and the batch sampler.
+    log_every: print a loss line every this many steps (and at the first and last step).
+    min_lr_ratio: final learning rate as a fraction of lr.
+    val_fraction: tail fraction of the data held out for the final evaluation.
+    eval_batches: at most this many batches of validation windows are evaluated.
+    on_nonfinite: "raise" (NonFiniteLossError), "stop" (return the last finite params) or
+      "skip" (drop that update and continue).
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 25
+    min_lr_ratio: float = 0.1
+    val_fraction: float = 0.05
+    eval_batches: int = 8
+    on_nonfinite: Literal["raise", "stop", "skip"] = "raise"
+
+    def __post_init__(self):
+        name = "TrainConfig"
+        for f in ("steps", "batch_size", "seq_len", "log_every", "eval_batches"):
+            checks.positive(name, f, getattr(self, f))
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) \
+                or not 0 <= self.warmup_steps < self.steps:
+            checks.fail(name, "warmup_steps", f"an integer in [0, steps={self.steps})", self.warmup_steps)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            checks.fail(name, "seed", "a non-negative integer", self.seed)
+        _positive_float(name, "lr", self.lr)
+        _positive_float(name, "clip_norm", self.clip_norm)
+        if not isinstance(self.weight_decay, (int, float)) or isinstance(self.weight_decay, bool) \
+                or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            checks.fail(name, "weight_decay", "a non-negative finite float", self.weight_decay)
+        _in_range(name, "b1", self.b1, 0.0, 1.0)
+        _in_range(name, "b2", self.b2, 0.0, 1.0)
+        _in_range(name, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, hi_open=False)
+        _in_range(name, "val_fraction", self.val_fraction, 0.0, 1.0)
+        checks.one_of(name, "on_nonfinite", self.on_nonfinite, ("raise", "stop", "skip"))
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _is_embedding(names: tuple[str, ...]) -> bool:
+    """Embedding tables: `table_*` (layers.embed) and position tables (`pos_*`, or anything
+    under an "embed"/"pos" key) -- but not the untied unembedding, which is a projection."""
+    leaf = names[-1] if names else ""
+    if leaf.startswith("unembed"):
+        return False
+    return leaf.startswith(("table", "pos_")) or any(n in ("embed", "pos", "wte", "wpe") for n in names)
+
+
+def decays(names: tuple[str, ...], ndim: int) -> bool:
+    """Whether the parameter at key path `names` (dict keys, outermost first) is decayed."""
+    if ndim < 2 or not names:
+        return False
+    if _NO_DECAY_LEAF.match(names[-1]) or any("norm" in n for n in names):
+        return False
+    return not _is_embedding(names)
+
+
+def decay_mask(params: Any) -> Any:
+    """True where AdamW applies weight decay: weight matrices (and the untied unembedding);
+    False for norm scales, biases (recognised by name, see `_NO_DECAY_LEAF`, so stacked or
+    per-head ones count too), anything of rank < 2, and embedding tables."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: decays(tuple(_key_name(p) for p in path), jnp.ndim(leaf)), params)
+
+
+def _optax_promotion():
+    """optax mixes Python floats with int32 step counts (Adam's bias correction, schedules),
+    which `jax_numpy_dtype_promotion="strict"` rejects; its internals run under standard rules."""
+    return jax.numpy_dtype_promotion("standard")
+
+
+def make_schedule(tcfg: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tcfg.lr, warmup_steps=tcfg.warmup_steps,
+        decay_steps=tcfg.steps, end_value=tcfg.lr * tcfg.min_lr_ratio)
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on a warmup + cosine schedule with `decay_mask`."""
+    return optax.chain(
+        optax.clip_by_global_norm(tcfg.clip_norm),
+        optax.adamw(make_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2,
+                    weight_decay=tcfg.weight_decay, mask=decay_mask),
+    )
+
+
+def loss_fn(params: Any, inputs: "Int[Array, 'B L']", targets: "Int[Array, 'B L']", cfg: Any,
+            mask: "Any | None" = None, **forward_kwargs) -> "Float[Array, '']":
+    """Mean next-token cross-entropy (fp32) over positions where `mask` is non-zero (all if None).
+
+    `forward_kwargs` (e.g. positions=, segment_ids= for packed rows) go to `zoo.forward`.
+    """
+    logits_BLV = zoo.forward(params, inputs, cfg=cfg, **forward_kwargs).astype(jnp.float32)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets)
+    if mask is None:
+        return jnp.mean(ce_BL)
+    mask_BL = jnp.asarray(mask).astype(jnp.float32)
+    return jnp.sum(ce_BL * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0)
+
+
+def make_train_step(cfg: Any, optimizer: optax.GradientTransformation) -> Callable:
+    """`step(params, opt_state, inputs, targets, mask=None) -> (params, opt_state, metrics)`.
+
+    Jitted once with `cfg` closed over; params and opt_state are donated (the caller must use
+    the returned ones). metrics: loss, grad_norm (before clipping), finite (bool). When the
+    loss or gradient is not finite the returned params and opt_state equal the inputs.
+    """
+
+    def step(params, opt_state, inputs_BL, targets_BL, mask_BL=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, inputs_BL, targets_BL, cfg, mask_BL)
+        grad_norm = optax.tree.norm(grads)
+        with _optax_promotion():
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params)
+        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return new_params, new_opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def train_step_for(cfg: Any, tcfg: TrainConfig) -> tuple[optax.GradientTransformation, Callable]:
+    """(optimizer, jitted step) for this model and the optimizer fields of `tcfg`, memoised so
+    that repeated `train` calls in one process (notebooks, tests) reuse the compiled step."""
+    opt_fields = {f: getattr(tcfg, f) for f in _OPTIMIZER_FIELDS}
+    return _train_step_for(cfg, tuple(sorted(opt_fields.items())))
+
+
+_OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "weight_decay", "b1", "b2", "clip_norm", "min_lr_ratio")
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step_for(cfg: Any, opt_fields: tuple) -> tuple[optax.GradientTransformation, Callable]:
+    optimizer = make_optimizer(TrainConfig(**dict(opt_fields)))
+    return optimizer, make_train_step(cfg, optimizer)
+
+
+def _eval_sums(params, inputs_BL, targets_BL, mask_BL, cfg):
+    logits_BLV = zoo.forward(params, inputs_BL, cfg=cfg).astype(jnp.float32)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+    mask_BL = mask_BL.astype(jnp.float32)
+    return jnp.sum(ce_BL * mask_BL), jnp.sum(mask_BL)
+
+
+_eval_sums_jit = jax.jit(_eval_sums, static_argnames="cfg")
+
+
+def evaluate(params: Any, cfg: Any, data: bytes | np.ndarray, *, batch_size: int, seq_len: int,
+             max_batches: int | None = None) -> float:
+    """Mean next-token loss in bits (nats / ln 2) over non-overlapping windows of `data`;
+    for byte-level tokens this is bits per byte. NaN when `data` is too short for one window.
+
+    The last partial batch is padded and masked, so every batch has one shape (one compile).
+    """
+    max_windows = None if max_batches is None else max_batches * batch_size
+    inputs_NL, targets_NL = zdata.sequential_windows(zdata.as_array(data), seq_len, max_windows)
+    n = inputs_NL.shape[0]
+    if n == 0:
+        return float("nan")
+    total, count = 0.0, 0.0
+    for start in range(0, n, batch_size):
+        x, y = inputs_NL[start:start + batch_size], targets_NL[start:start + batch_size]
+        mask = np.ones(x.shape, np.float32)
+        if x.shape[0] < batch_size:
+            pad = ((0, batch_size - x.shape[0]), (0, 0))
+            x, y, mask = np.pad(x, pad), np.pad(y, pad), np.pad(mask, pad)
+        s, c = _eval_sums_jit(params, x, y, mask, cfg=cfg)
+        total += float(s)
+        count += float(c)
+    return total / count / math.log(2)
+
+
+def train(cfg: Any, tcfg: TrainConfig, *, data: bytes | np.ndarray | None = None, params: Any = None,
+          print_fn: Callable[[str], Any] = print) -> tuple[Any, list[float]]:
+    """Train `cfg` on `data` (default: the built-in stdlib corpus) for `tcfg.steps` steps.
+
+    Prints a loss line every `tcfg.log_every` steps and the validation bits per byte at the
+    end. `params` (optional) are the starting point; they are copied, not donated. Returns
+    (params, history) where history[i] is the training loss of step i.
+    """
+    if not isinstance(tcfg, TrainConfig):
+        raise TypeError(f"train: tcfg: expected a TrainConfig, got {type(tcfg).__name__}")
+    if tcfg.seq_len > cfg.max_len:
+        raise checks.ConfigError(
+            f"TrainConfig.seq_len={tcfg.seq_len} exceeds the model's max_len={cfg.max_len}")
+    tokens = zdata.as_array(zdata.builtin_corpus() if data is None else data, "train: data")
+    if tokens.size and int(tokens.max()) >= cfg.vocab_size:
+        raise ValueError(f"train: data: token ids must be < vocab_size={cfg.vocab_size}, "
+                         f"got max {int(tokens.max())}")
+    train_tokens, val_tokens = zdata.split(tokens, tcfg.val_fraction)
+    sampler = zdata.WindowSampler(train_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+
+    if params is None:
+        params = zoo.init(jax.random.key(tcfg.seed), cfg)
+    else:
+        params = jax.tree.map(jnp.array, params)  # a private copy: the step donates its input
+    optimizer, step_fn = train_step_for(cfg, tcfg)
+    opt_state = optimizer.init(params)
+    with _optax_promotion():
+        lrs = np.asarray(jax.jit(jax.vmap(make_schedule(tcfg)))(jnp.arange(tcfg.steps)))
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    print_fn(f"training {n_params:,} params for {tcfg.steps} steps: batch {tcfg.batch_size} x "
+             f"{tcfg.seq_len} tokens, {len(train_tokens):,} train / {len(val_tokens):,} val tokens")
+    history: list[float] = []
+    skipped = 0
+    t_last, tokens_since = time.perf_counter(), 0
+    for i in range(tcfg.steps):
+        inputs_BL, targets_BL = next(sampler)
+        params, opt_state, metrics = step_fn(params, opt_state, inputs_BL, targets_BL)
+        loss = float(metrics["loss"])
+        history.append(loss)
+        tokens_since += inputs_BL.size
+        if not bool(metrics["finite"]):
+            msg = (f"non-finite training loss at step {i + 1}/{tcfg.steps}: loss={loss}, "
+                   f"grad_norm={float(metrics['grad_norm'])}; the update was not applied")
+            if tcfg.on_nonfinite == "raise":
+                raise NonFiniteLossError(msg)
+            if tcfg.on_nonfinite == "stop":
+                print_fn(msg + "; stopping with the last finite params")
+                break
+            skipped += 1
+            print_fn(msg + "; skipping this batch")
+            continue
+        if i % tcfg.log_every == 0 or i == tcfg.steps - 1:
+            now = time.perf_counter()
+            speed = (f"{now - t_last:.1f}s incl. compilation" if i == 0
+                     else f"{tokens_since / max(now - t_last, 1e-9):,.0f} tok/s")
+            print_fn(f"step {i + 1:>6}/{tcfg.steps}  loss {loss:.4f}  "
+                     f"grad_norm {float(metrics['grad_norm']):.3f}  lr {lrs[i]:.2e}  {speed}")
+            t_last, tokens_since = now, 0
+    if skipped:
+        print_fn(f"skipped {skipped} non-finite step(s)")
+
+    bpb = evaluate(params, cfg, val_tokens, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
+                   max_batches=tcfg.eval_batches)
+    if len(val_tokens) < tcfg.seq_len + 1:
+        print_fn(f"val bits/byte: n/a (validation split of {len(val_tokens)} tokens is shorter "
+                 f"than one window of {tcfg.seq_len + 1})")
+    else:
+        print_fn(f"val bits/byte {bpb:.4f}")
+    return params, history
