@@ -1,4 +1,4 @@
-"""Registry of sequence mixers: a mixer config's class names the module that runs it.
+"""Registry of sequence and channel mixers: a config's class names the module that runs it.
 
 Every registered module provides the mixer protocol (DESIGN.md):
   param_specs(cfg) -> specs
@@ -33,10 +33,20 @@ def module_for(cfg: Any) -> ModuleType:
         raise TypeError(f"no mixer registered for config type {type(cfg).__name__}; known: {known}") from None
 
 
+def state_bytes(cfg: Any, batch_size: int, max_len: int, dtype=None) -> int:
+    """Bytes of decoding state for one mixer (no memory is allocated)."""
+    import jax
+    import jax.numpy as jnp
+    module = module_for(cfg)
+    shapes = jax.eval_shape(lambda: module.init_state(cfg, batch_size, max_len, dtype or jnp.float32))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
 def _register_builtin() -> None:
-    from layers import attention
+    from layers import attention, mlp
 
     register(attention.AttentionConfig, attention)
+    register(mlp.MLPConfig, mlp)
 
 
 _register_builtin()

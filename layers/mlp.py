@@ -1,4 +1,8 @@
-"""Channel mixers: plain MLP (GELU, ReLU, ...) and gated MLP (SwiGLU, GeGLU)."""
+"""Channel mixers: plain MLP (GELU, ReLU, ...) and gated MLP (SwiGLU, GeGLU).
+
+`apply` is the math; `forward` / `init_state` / `step` give it the mixer protocol (with an empty
+state), so a block treats every channel mixer alike, stateless or not (RWKV's channel mix keeps
+the previous token)."""
 
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def param_specs(cfg: MLPConfig) -> dict:
     return specs
 
 
-def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: MLPConfig) -> "Float[Array, 'B L D']":
+def apply(params: dict, x_BLD: "Float[Array, '... D']", *, cfg: MLPConfig) -> "Float[Array, '... D']":
     act = ACTIVATIONS[cfg.activation]
     h_BLF = dense.forward(params["up"], x_BLD)
     if cfg.gated:
@@ -64,3 +68,20 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: MLPConfig) -> 
     else:
         h_BLF = act(h_BLF.astype(jnp.float32)).astype(x_BLD.dtype)
     return dense.forward(params["down"], h_BLF)
+
+
+def init(key: jax.Array, cfg: MLPConfig) -> dict:
+    from layers import params as P
+    return P.init(key, param_specs(cfg))
+
+
+def forward(params: dict, x_BLD, *, cfg: MLPConfig, state=None, positions=None, segment_ids=None):
+    return apply(params, x_BLD, cfg=cfg), None
+
+
+def init_state(cfg: MLPConfig, batch_size: int, max_len: int, dtype=jnp.float32):
+    return None
+
+
+def step(params: dict, x_BD, state, *, cfg: MLPConfig):
+    return apply(params, x_BD, cfg=cfg), None

@@ -27,12 +27,15 @@ class ParamSpec:
       logical_axes: one logical axis name per dimension, e.g. ("embed", "mlp"); the sharding
         rules map these names to mesh axes.
       init: initialiser called as `init(key, shape, dtype)`.
+      keep_dtype: a model-wide param_dtype does not apply (e.g. Mamba's A_log and dt bias stay
+        fp32 under a bf16 policy, as the papers require).
     """
 
     shape: tuple[int, ...]
     logical_axes: tuple[str | None, ...]
     init: Initializer
     dtype: Any = jnp.float32
+    keep_dtype: bool = False
 
     def __post_init__(self):
         if len(self.shape) != len(self.logical_axes):
@@ -101,7 +104,7 @@ def stack(specs: Any, n: int, axis_name: str = "layers") -> Any:
             keys = jax.random.split(key, shape[0])
             return jax.vmap(lambda k: s.init(k, shape[1:], dtype))(keys)
 
-        return ParamSpec((n, *s.shape), (axis_name, *s.logical_axes), init_stacked, s.dtype)
+        return ParamSpec((n, *s.shape), (axis_name, *s.logical_axes), init_stacked, s.dtype, s.keep_dtype)
 
     return jax.tree.map(stack_one, specs, is_leaf=is_spec)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from layers import mixers, mlp, norms
+from layers import mixers, norms
 from zoo.config import BlockConfig
 
 
@@ -14,7 +14,7 @@ def param_specs(cfg: BlockConfig, d_model: int) -> dict:
     if cfg.norm_position == "sandwich":
         specs["mixer_post_norm"] = norms.param_specs(cfg.norm, d_model)
     if cfg.ffn is not None:
-        specs["ffn"] = mlp.param_specs(cfg.ffn)
+        specs["ffn"] = mixers.module_for(cfg.ffn).param_specs(cfg.ffn)
         if not cfg.parallel:
             specs["ffn_norm"] = norms.param_specs(cfg.norm, d_model)
         if cfg.norm_position == "sandwich":
@@ -22,8 +22,11 @@ def param_specs(cfg: BlockConfig, d_model: int) -> dict:
     return specs
 
 
-def init_state(cfg: BlockConfig, batch_size: int, max_len: int, dtype):
-    return mixers.module_for(cfg.mixer).init_state(cfg.mixer, batch_size, max_len, dtype)
+def init_state(cfg: BlockConfig, batch_size: int, max_len: int, dtype) -> dict:
+    state = {"mixer": mixers.module_for(cfg.mixer).init_state(cfg.mixer, batch_size, max_len, dtype)}
+    if cfg.ffn is not None:
+        state["ffn"] = mixers.module_for(cfg.ffn).init_state(cfg.ffn, batch_size, max_len, dtype)
+    return state
 
 
 def _residual(params, x, f, name: str, cfg: BlockConfig):
@@ -40,21 +43,23 @@ def _residual(params, x, f, name: str, cfg: BlockConfig):
 
 def forward(params: dict, x_BLD: jax.Array, *, cfg: BlockConfig, state=None, positions=None,
             segment_ids=None):
-    """-> (x_BLD, mixer state)."""
-    mixer = mixers.module_for(cfg.mixer)
+    """-> (x_BLD, block state {"mixer", "ffn"} or None)."""
+    def sublayer(part):
+        module, sub_cfg = mixers.module_for(getattr(cfg, part)), getattr(cfg, part)
 
-    def mix(h):
-        return mixer.forward(params["mixer"], h, cfg=cfg.mixer, state=state,
-                             positions=positions, segment_ids=segment_ids)
+        def run(h):
+            return module.forward(params[part], h, cfg=sub_cfg, state=None if state is None else state[part],
+                                  positions=positions, segment_ids=segment_ids)
+        return run
 
-    def ffn(h):
-        return mlp.forward(params["ffn"], h, cfg=cfg.ffn), None
-
+    new_state = {}
     if cfg.parallel:
         h_BLD = norms.forward(params["mixer_norm"], x_BLD, cfg=cfg.norm)
-        y_BLD, state = mix(h_BLD)
-        return x_BLD + y_BLD + ffn(h_BLD)[0], state
-    x_BLD, state = _residual(params, x_BLD, mix, "mixer", cfg)
-    if cfg.ffn is not None:
-        x_BLD, _ = _residual(params, x_BLD, ffn, "ffn", cfg)
-    return x_BLD, state
+        y_BLD, new_state["mixer"] = sublayer("mixer")(h_BLD)
+        f_BLD, new_state["ffn"] = sublayer("ffn")(h_BLD)
+        x_BLD = x_BLD + y_BLD + f_BLD
+    else:
+        x_BLD, new_state["mixer"] = _residual(params, x_BLD, sublayer("mixer"), "mixer", cfg)
+        if cfg.ffn is not None:
+            x_BLD, new_state["ffn"] = _residual(params, x_BLD, sublayer("ffn"), "ffn", cfg)
+    return x_BLD, None if state is None else new_state

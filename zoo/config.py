@@ -8,7 +8,6 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 from layers import checks, mixers
-from layers.mlp import MLPConfig
 from layers.norms import NormConfig
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable",
@@ -22,7 +21,8 @@ class BlockConfig:
 
     Attributes:
       mixer: a registered mixer config (e.g. layers.attention.AttentionConfig).
-      ffn: channel mixer config, or None for a mixer-only block (Mamba-style).
+      ffn: channel mixer config (MLPConfig or another registered channel mixer, e.g. RWKV's
+        channel mix), or None for a mixer-only block (Mamba-style).
       norm: the normalisation used around both sub-layers.
       norm_position: "pre" (x + f(norm(x))), "post" (norm(x + f(x)), original Transformer/BERT),
         or "sandwich" (x + norm(f(norm(x))), Gemma 2).
@@ -30,13 +30,15 @@ class BlockConfig:
     """
 
     mixer: Any
-    ffn: MLPConfig | None
+    ffn: Any | None
     norm: NormConfig = NormConfig()
     norm_position: Literal["pre", "post", "sandwich"] = "pre"
     parallel: bool = False
 
     def __post_init__(self):
         mixers.module_for(self.mixer)  # raises for unknown mixer types
+        if self.ffn is not None:
+            mixers.module_for(self.ffn)
         checks.one_of("BlockConfig", "norm_position", self.norm_position, ("pre", "post", "sandwich"))
         if self.parallel and (self.ffn is None or self.norm_position != "pre"):
             raise checks.ConfigError("BlockConfig.parallel=True needs an ffn and norm_position='pre'")

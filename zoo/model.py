@@ -33,7 +33,8 @@ def param_specs(cfg: ModelConfig) -> dict:
     if cfg.position == "learned":
         specs["pos"] = pos_lib.learned_param_specs(cfg.max_len, D, cfg.init_std)
     dtype = DTYPES[cfg.param_dtype]
-    return jax.tree.map(lambda s: dataclasses.replace(s, dtype=dtype), specs, is_leaf=P.is_spec)
+    return jax.tree.map(lambda s: s if s.keep_dtype else dataclasses.replace(s, dtype=dtype), specs,
+                        is_leaf=P.is_spec)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

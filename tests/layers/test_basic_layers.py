@@ -95,13 +95,13 @@ def test_mlp_matches_formula(activation, gated):
     params = jax.tree.map(lambda s: _rand(hash(s.shape) % 1000, s.shape),
                           mlp.param_specs(cfg), is_leaf=P.is_spec)
     x = _rand(7, (2, 3, 8))
-    y = mlp.forward(params, x, cfg=cfg)
+    y = mlp.apply(params, x, cfg=cfg)
     xd = np.asarray(x, np.float64)
     lin = lambda p, h: h @ np.asarray(p["w"], np.float64) + (np.asarray(p["b"]) if "b" in p else 0.0)
     act = NP_ACT[activation]
     h = act(lin(params["gate"], xd)) * lin(params["up"], xd) if gated else act(lin(params["up"], xd))
     np.testing.assert_allclose(np.asarray(y), lin(params["down"], h), rtol=1e-4, atol=1e-4)
-    g = jax.grad(lambda x: jnp.sum(mlp.forward(params, x, cfg=cfg) ** 2))(x)
+    g = jax.grad(lambda x: jnp.sum(mlp.apply(params, x, cfg=cfg) ** 2))(x)
     assert np.all(np.isfinite(np.asarray(g))) and np.abs(np.asarray(g)).sum() > 0
 
 

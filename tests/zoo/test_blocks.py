@@ -35,7 +35,7 @@ def _random_params(specs, seed):
 def _hand_composed(params, x, position):
     n = lambda name, v: norms.forward(params[name], v, cfg=NORM)
     attn = lambda v: attention.forward(params["mixer"], v, cfg=ATTN)[0]
-    ff = lambda v: mlp.forward(params["ffn"], v, cfg=FFN)
+    ff = lambda v: mlp.apply(params["ffn"], v, cfg=FFN)
     if position == "pre":
         x = x + attn(n("mixer_norm", x))
         return x + ff(n("ffn_norm", x))
@@ -92,4 +92,4 @@ def test_model_config_rejects_mismatched_widths():
     with pytest.raises(ValueError, match=r"pattern\[0\].mixer.d_model=32 differs from d_model=64"):
         ModelConfig(vocab_size=10, d_model=64, n_layers=1, pattern=(block,))
     with pytest.raises(TypeError, match="no mixer registered"):
-        BlockConfig(mixer=FFN, ffn=None)
+        BlockConfig(mixer=NORM, ffn=None)
