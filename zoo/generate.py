@@ -1,61 +1,123 @@
-"""Greedy decoding: prefill the cache with the prompt, then one `zoo.step` per new token.
+"""Generation for every family through one loop: prefill with `forward`, then sample and `step`
+inside one `lax.while_loop`, all in one jitted function.
 
-Prefill and the whole decode loop (a `jax.lax.scan` over the new tokens) are one jitted
-function, compiled once per (config, prompt shape, number of new tokens).
+The compiled program depends on (batch, prompt bucket, cache length), not on how many tokens are
+asked for: `max_new_tokens` is a traced loop bound, so 16 and 512 new tokens share one compile.
+Prompts of different lengths are left-padded to a power-of-two bucket; padding carries segment
+id 0 (attention never reads it; recurrent states reset when the real prompt starts) and each
+row's positions start at 0 with its first real token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-import zoo
 from layers import checks
+from zoo import model
+from zoo.sampling import SamplingConfig, sample
 
 if TYPE_CHECKING:
     from jaxtyping import Array, Int
 
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def greedy_jit(params: Any, prompt_BL: "Int[Array, 'B L']", *, cfg: Any,
-               max_new_tokens: int) -> "Int[Array, 'B N']":
-    """The compiled body of `greedy` (no input checks; use `greedy`)."""
-    batch, prompt_len = prompt_BL.shape
-    state = zoo.init_state(cfg, batch, prompt_len + max_new_tokens)
-    logits_BLV, state = zoo.forward(params, prompt_BL, cfg=cfg, state=state)
-    first_B = jnp.argmax(logits_BLV[:, -1], axis=-1).astype(jnp.int32)
-
-    def body(carry, _):
-        token_B, state = carry
-        logits_BV, state = zoo.step(params, token_B, state, cfg=cfg)
-        next_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        return (next_B, state), next_B
-
-    # the first new token comes from the prefill; each step then feeds the previous one
-    _, rest_NB = jax.lax.scan(body, (first_B, state), None, length=max_new_tokens - 1)
-    tokens_NB = jnp.concatenate([first_B[None, :], rest_NB], axis=0)
-    return tokens_NB.T
+GREEDY = SamplingConfig(temperature=0.0)
 
 
-def greedy(params: Any, prompt_BL: "Int[Array, 'B L']", cfg: Any, max_new_tokens: int
-           ) -> "Int[Array, 'B N']":
-    """The `max_new_tokens` most likely continuations of each prompt row, int32 [B, N].
+def bucket(n: int, minimum: int = 16) -> int:
+    """The power of two >= n (and >= minimum): prompt lengths share compiled programs."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
-    The prompt length plus max_new_tokens must fit the model's `max_len`.
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """tokens: per row, the generated ids (a stop token, when hit, is the last one)."""
+
+    tokens: list[list[int]]
+    tokens_BN: np.ndarray  # -1 after a row stopped
+    n_generated: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len"))
+def decode_jit(params, prompt_BP, prompt_len_B, max_new, stop_S, key, *, cfg, sampling: SamplingConfig,
+               cache_len: int):
+    """Prefill the left-padded prompts, then sample up to `max_new` tokens (traced)."""
+    B, P = prompt_BP.shape
+    N = cache_len - P
+    pad_B1 = (P - prompt_len_B)[:, None]
+    t_1P = jnp.arange(P, dtype=jnp.int32)[None, :]
+    seg_BP = (t_1P >= pad_B1).astype(jnp.int32)
+    pos_BP = jnp.maximum(t_1P - pad_B1, 0)
+    state = model.init_state(cfg, B, cache_len)
+    logits_BPV, state = model._forward(params, prompt_BP, cfg, state, pos_BP, seg_BP)
+    V = logits_BPV.shape[-1]
+    counts_BV = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], prompt_BP].add(seg_BP)
+
+    def cond(carry):
+        i, _, _, _, done_B, _, _ = carry
+        return (i < max_new) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, logits_BV, state, counts_BV, done_B, out_BN, key = carry
+        key, sub = jax.random.split(key)
+        token_B = sample(sub, logits_BV, counts_BV, sampling)
+        token_B = jnp.where(done_B, 0, token_B)
+        out_BN = out_BN.at[:, i].set(jnp.where(done_B, -1, token_B))
+        counts_BV = counts_BV + jax.nn.one_hot(token_B, V, dtype=jnp.int32) * (~done_B)[:, None].astype(jnp.int32)
+        done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
+        logits_B1V, state = model._forward(params, token_B[:, None], cfg, state)
+        return i + 1, logits_B1V[:, 0], state, counts_BV, done_B, out_BN, key
+
+    init = (jnp.int32(0), logits_BPV[:, -1], state, counts_BV, jnp.zeros((B,), bool),
+            jnp.full((B, N), -1, jnp.int32), key)
+    _, _, _, _, _, out_BN, _ = jax.lax.while_loop(cond, body, init)
+    return out_BN
+
+
+def generate(params: Any, prompts: "Sequence[Sequence[int]] | Int[Array, 'B L']", cfg: model.ModelConfig, *,
+             max_new_tokens: int, sampling: SamplingConfig = GREEDY, stop_tokens: Sequence[int] = (),
+             seed: int = 0, cache_len: int | None = None) -> Generation:
+    """Generate up to `max_new_tokens` per prompt (rows may have different lengths).
+
+    cache_len: the decoding cache length (the compile bucket); defaults to cfg.max_len. Any
+      max_new_tokens that fits it reuses the same compiled program.
     """
-    checks.array("greedy: prompt_BL", prompt_BL, rank=2, kind="i")
+    if not isinstance(cfg, model.ModelConfig):
+        raise TypeError(f"cfg: expected a zoo ModelConfig, got {type(cfg).__name__}")
+    if hasattr(prompts, "ndim"):
+        checks.array("prompts", prompts, rank=2, kind="i")
+    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    if not rows or any(r.size == 0 for r in rows):
+        raise ValueError("prompts: expected at least one prompt, each with at least one token")
+    for i, r in enumerate(rows):
+        checks.token_range(f"prompts[{i}]", r, cfg.vocab_size)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"greedy: max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    batch, prompt_len = prompt_BL.shape
-    if batch < 1 or prompt_len < 1:
-        raise ValueError(f"greedy: prompt_BL: expected at least one row and one token, got shape "
-                         f"{tuple(prompt_BL.shape)}")
-    if prompt_len + max_new_tokens > cfg.max_len:
-        raise ValueError(
-            f"greedy: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
-            f"{prompt_len + max_new_tokens} exceeds the model's max_len={cfg.max_len}")
-    checks.token_range("greedy: prompt_BL", prompt_BL, cfg.vocab_size)
-    return greedy_jit(params, jnp.asarray(prompt_BL, jnp.int32), cfg=cfg, max_new_tokens=max_new_tokens)
+        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    for t in stop_tokens:
+        checks.token_range("stop_tokens", np.asarray([t]), cfg.vocab_size)
+    P = bucket(max(r.size for r in rows))
+    cache_len = cfg.max_len if cache_len is None else cache_len
+    if P + max_new_tokens > cache_len:
+        raise ValueError(f"prompt bucket {P} + max_new_tokens {max_new_tokens} exceeds the cache length "
+                         f"{cache_len} (cache_len argument, default cfg.max_len)")
+    prompt_BP = np.zeros((len(rows), P), np.int32)
+    for i, r in enumerate(rows):
+        prompt_BP[i, P - r.size:] = r
+    out_BN = decode_jit(params, jnp.asarray(prompt_BP), jnp.asarray([r.size for r in rows], jnp.int32),
+                        jnp.int32(max_new_tokens), jnp.asarray(list(stop_tokens), jnp.int32).reshape(-1),
+                        jax.random.key(seed), cfg=cfg, sampling=sampling, cache_len=cache_len)
+    out_BN = np.asarray(out_BN)[:, :max_new_tokens]
+    n = (out_BN >= 0).sum(axis=1)
+    return Generation(tokens=[row[:k].tolist() for row, k in zip(out_BN, n)], tokens_BN=out_BN, n_generated=n)
+
+
+def greedy(params: Any, prompt_BL: "Int[Array, 'B L']", cfg: model.ModelConfig, max_new_tokens: int
+           ) -> "Int[Array, 'B N']":
+    """The `max_new_tokens` most likely continuations of each prompt row, int32 [B, N]."""
+    checks.array("greedy: prompt_BL", prompt_BL, rank=2, kind="i")
+    out = generate(params, np.asarray(prompt_BL), cfg, max_new_tokens=max_new_tokens)
+    return jnp.asarray(out.tokens_BN)

@@ -60,8 +60,10 @@ def init_state(cfg: ModelConfig, batch_size: int, max_len: int | None = None, dt
         one = blocks.init_state(block_cfg, batch_size, max_len, dtype)
         return jax.tree.map(lambda a: jnp.repeat(a[None], cfg.n_repeats, axis=0), one)
 
+    # pos_B: the next token's logical position per row (rows may start at different offsets
+    # when prompts are left-padded).
     return {"blocks": tuple(stacked(b) for b in cfg.pattern),
-            "index_B": jnp.zeros((batch_size,), jnp.int32)}
+            "pos_B": jnp.zeros((batch_size,), jnp.int32)}
 
 
 def _remat(fn, cfg: ModelConfig):
@@ -97,7 +99,7 @@ def _run_blocks(params_blocks, x_BLD, cfg: ModelConfig, states, positions_BL, se
 def _forward(params, tokens_BL, cfg: ModelConfig, state=None, positions_BL=None, segment_ids_BL=None):
     B, L = tokens_BL.shape
     if positions_BL is None:
-        start_B = jnp.zeros((B,), jnp.int32) if state is None else state["index_B"]
+        start_B = jnp.zeros((B,), jnp.int32) if state is None else state["pos_B"]
         positions_BL = start_B[:, None] + jnp.arange(L, dtype=jnp.int32)[None, :]
     dtype = cfg.compute_dtype
     x_BLD = embed.embed(params["embed"], tokens_BL, dtype)
@@ -115,7 +117,7 @@ def _forward(params, tokens_BL, cfg: ModelConfig, state=None, positions_BL=None,
     if cfg.final_logit_softcap is not None:
         cap = cfg.final_logit_softcap
         logits_BLV = cap * jnp.tanh(logits_BLV / cap)
-    new_state = None if state is None else {"blocks": block_states, "index_B": state["index_B"] + L}
+    new_state = None if state is None else {"blocks": block_states, "pos_B": positions_BL[:, -1] + 1}
     return logits_BLV, new_state
 
 
@@ -150,7 +152,7 @@ def forward(params: dict, tokens: "Int[Array, 'B L']", *, cfg: ModelConfig, stat
 def step(params: dict, tokens: "Int[Array, 'B']", state: dict, *, cfg: ModelConfig):
     """One decoding step: tokens int32 [B] -> (logits float32 [B, V], next state)."""
     _check_cfg(cfg)
-    checks.array("tokens", tokens, rank=1, kind="i", shape=(state["index_B"].shape[0],))
+    checks.array("tokens", tokens, rank=1, kind="i", shape=(state["pos_B"].shape[0],))
     checks.token_range("tokens", tokens, cfg.vocab_size)
     _check_room(state, 1)
     return _step_jit(params, tokens, state, cfg)
@@ -162,16 +164,18 @@ def _check_cfg(cfg) -> None:
 
 
 def _check_room(state: dict, n_new: int) -> None:
-    """A full KV cache would silently overwrite its last slot: refuse while values are concrete."""
-    index_B = state["index_B"]
-    if isinstance(index_B, jax.core.Tracer):
+    """A full KV cache would silently overwrite its last slot: refuse while values are concrete.
+    Caches expose their capacity as `pos_BT` and their fill as `index_B` (layers.attention)."""
+    leaves = {jax.tree_util.keystr(path): leaf
+              for path, leaf in jax.tree_util.tree_leaves_with_path(state["blocks"])}
+    for name, pos in leaves.items():
+        if not name.endswith("['pos_BT']"):
+            continue
+        index = leaves.get(name[: -len("['pos_BT']")] + "['index_B']")
+        if index is None or isinstance(index, jax.core.Tracer):
+            continue
+        capacity, used = pos.shape[-1], int(jnp.max(index))
+        if used + n_new > capacity:
+            raise ValueError(f"state: the cache holds {capacity} positions, {used} are used and "
+                             f"{n_new} more were given; allocate init_state with a larger max_len")
         return
-    caches = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["blocks"])
-              if "pos_BT" in jax.tree_util.keystr(path)]
-    if not caches:
-        return
-    capacity = caches[0].shape[-1]
-    used = int(jnp.max(index_B))
-    if used + n_new > capacity:
-        raise ValueError(f"state: the cache holds {capacity} positions, {used} are used and "
-                         f"{n_new} more were given; allocate init_state with a larger max_len")
