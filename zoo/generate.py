@@ -99,11 +99,13 @@ def generate(params: Any, prompts: "Sequence[Sequence[int]] | Int[Array, 'B L']"
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
     for t in stop_tokens:
         checks.token_range("stop_tokens", np.asarray([t]), cfg.vocab_size)
-    P = bucket(max(r.size for r in rows))
+    longest = max(r.size for r in rows)
     cache_len = cfg.max_len if cache_len is None else cache_len
-    if P + max_new_tokens > cache_len:
-        raise ValueError(f"prompt bucket {P} + max_new_tokens {max_new_tokens} exceeds the cache length "
+    if longest + max_new_tokens > cache_len:
+        raise ValueError(f"longest prompt {longest} + max_new_tokens {max_new_tokens} exceeds the cache length "
                          f"{cache_len} (cache_len argument, default cfg.max_len)")
+    # Round the prompt up to a bucket where the cache leaves room for it.
+    P = max(longest, min(bucket(longest), cache_len - max_new_tokens))
     prompt_BP = np.zeros((len(rows), P), np.int32)
     for i, r in enumerate(rows):
         prompt_BP[i, P - r.size:] = r

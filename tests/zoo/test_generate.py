@@ -82,7 +82,9 @@ def test_greedy_wrapper_and_validation():
     out = generate.greedy(params, np.array([[1, 2, 3]], np.int32), cfg, 5)
     assert out.shape == (1, 5) and out.dtype == jnp.int32
     with pytest.raises(ValueError, match="exceeds the cache length 32"):
-        generate.generate(params, [[1, 2]], cfg, max_new_tokens=17)
+        generate.generate(params, [[1, 2]], cfg, max_new_tokens=31)
+    # A prompt whose bucket would not fit still runs when prompt + new tokens fit.
+    assert len(generate.generate(params, [list(range(1, 18))], cfg, max_new_tokens=15).tokens[0]) == 15
     with pytest.raises(ValueError, match="max_new_tokens: expected a positive integer, got 0"):
         generate.generate(params, [[1]], cfg, max_new_tokens=0)
     with pytest.raises(ValueError, match=r"prompts\[1\].*vocab_size=256"):
