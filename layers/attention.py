@@ -91,9 +91,9 @@ def param_specs(cfg: AttentionConfig) -> dict:
         "wo_HKD": ParamSpec((H, K, D), ("heads", "head_dim", "embed"), fan_in_normal((0, 1))),
     }
     if cfg.use_bias:
-        specs["bq_HK"] = ParamSpec((H, K), ("heads", "head_dim"), zeros)
-        specs["bk_GK"] = ParamSpec((G, K), ("kv_heads", "head_dim"), zeros)
-        specs["bv_GK"] = ParamSpec((G, K), ("kv_heads", "head_dim"), zeros)
+        specs["bq_HK"] = ParamSpec((H, K), ("heads", "head_dim"), zeros, decay=False)
+        specs["bk_GK"] = ParamSpec((G, K), ("kv_heads", "head_dim"), zeros, decay=False)
+        specs["bv_GK"] = ParamSpec((G, K), ("kv_heads", "head_dim"), zeros, decay=False)
     if cfg.out_bias:
         specs["bo_D"] = ParamSpec((D,), ("embed",), zeros)
     if cfg.qk_norm:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def param_specs(vocab_size: int, d_model: int, *, tied: bool, init_std: float = 0.02) -> dict[str, ParamSpec]:
-    specs = {"table_VD": ParamSpec((vocab_size, d_model), ("vocab", "embed"), normal(init_std))}
+    specs = {"table_VD": ParamSpec((vocab_size, d_model), ("vocab", "embed"), normal(init_std), decay=False)}
     if not tied:
         specs["unembed_DV"] = ParamSpec((d_model, vocab_size), ("embed", "vocab"), normal(init_std))
     return specs

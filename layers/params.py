@@ -29,6 +29,7 @@ class ParamSpec:
       init: initialiser called as `init(key, shape, dtype)`.
       keep_dtype: a model-wide param_dtype does not apply (e.g. Mamba's A_log and dt bias stay
         fp32 under a bf16 policy, as the papers require).
+      decay: whether AdamW decays it; None applies the default rule (see `decay_mask`).
     """
 
     shape: tuple[int, ...]
@@ -36,6 +37,7 @@ class ParamSpec:
     init: Initializer
     dtype: Any = jnp.float32
     keep_dtype: bool = False
+    decay: bool | None = None
 
     def __post_init__(self):
         if len(self.shape) != len(self.logical_axes):
@@ -104,7 +106,8 @@ def stack(specs: Any, n: int, axis_name: str = "layers") -> Any:
             keys = jax.random.split(key, shape[0])
             return jax.vmap(lambda k: s.init(k, shape[1:], dtype))(keys)
 
-        return ParamSpec((n, *s.shape), (axis_name, *s.logical_axes), init_stacked, s.dtype, s.keep_dtype)
+        return dataclasses.replace(s, shape=(n, *s.shape), logical_axes=(axis_name, *s.logical_axes),
+                                   init=init_stacked)
 
     return jax.tree.map(stack_one, specs, is_leaf=is_spec)
 
@@ -113,3 +116,17 @@ def count(specs_or_params: Any) -> int:
     """Number of scalars in a tree of specs or arrays."""
     leaves = jax.tree.leaves(specs_or_params, is_leaf=is_spec)
     return sum(math.prod(x.shape) for x in leaves)
+
+
+def decays(spec: ParamSpec) -> bool:
+    """Default weight-decay rule: matrices (two or more axes besides "layers") are decayed;
+    vectors, norm scales, biases, and parameters pinned to fp32 (decay rates, A_log, dt bias:
+    keep_dtype) are not. A spec's explicit `decay` wins (embedding tables set False)."""
+    if spec.decay is not None:
+        return spec.decay
+    return sum(a != "layers" for a in spec.logical_axes) >= 2 and not spec.keep_dtype
+
+
+def decay_mask(specs: Any) -> Any:
+    """True where AdamW applies weight decay, for a tree of specs."""
+    return jax.tree.map(decays, specs, is_leaf=is_spec)

@@ -259,7 +259,7 @@ def sinusoidal(pos_BL: "Int[Array, 'B L']", d_model: int, *, max_timescale: floa
 def learned_param_specs(max_len: int, d_model: int, init_std: float = 0.02) -> dict[str, ParamSpec]:
     checks.positive("learned_param_specs", "max_len", max_len)
     checks.positive("learned_param_specs", "d_model", d_model)
-    return {"pos_PD": ParamSpec((max_len, d_model), ("positions", "embed"), normal(init_std))}
+    return {"pos_PD": ParamSpec((max_len, d_model), ("positions", "embed"), normal(init_std), decay=False)}
 
 
 def learned(params: dict, pos_BL: "Int[Array, 'B L']", dtype: Any = jnp.float32) -> "Float[Array, 'B L D']":

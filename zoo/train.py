@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -22,16 +21,11 @@ import optax
 
 import zoo
 from layers import checks
+from layers import params as P
 from zoo import data as zdata
 
 if TYPE_CHECKING:
     from jaxtyping import Array, Float, Int
-
-#: Leaf names that are never weight-decayed whatever their rank: norm scales and biases, also
-#: in their shape-suffixed forms ("bq_HK", "bo_D", "scale_D"). Stacked layers make a per-layer
-#: vector 2-D and per-head biases are 2-D already, so rank alone cannot tell.
-_NO_DECAY_LEAF = re.compile(r"^(b|bias|scale)$|^b[a-z]?_[A-Z]+$|^(bias|scale)_[A-Za-z]+$")
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss (or gradient norm) became NaN or infinite."""
@@ -107,37 +101,10 @@ class TrainConfig:
         checks.one_of(name, "on_nonfinite", self.on_nonfinite, ("raise", "stop", "skip"))
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _is_embedding(names: tuple[str, ...]) -> bool:
-    """Embedding tables: `table_*` (layers.embed) and position tables (`pos_*`, or anything
-    under an "embed"/"pos" key) -- but not the untied unembedding, which is a projection."""
-    leaf = names[-1] if names else ""
-    if leaf.startswith("unembed"):
-        return False
-    return leaf.startswith(("table", "pos_")) or any(n in ("embed", "pos", "wte", "wpe") for n in names)
-
-
-def decays(names: tuple[str, ...], ndim: int) -> bool:
-    """Whether the parameter at key path `names` (dict keys, outermost first) is decayed."""
-    if ndim < 2 or not names:
-        return False
-    if _NO_DECAY_LEAF.match(names[-1]) or any("norm" in n for n in names):
-        return False
-    return not _is_embedding(names)
-
-
-def decay_mask(params: Any) -> Any:
-    """True where AdamW applies weight decay: weight matrices (and the untied unembedding);
-    False for norm scales, biases (recognised by name, see `_NO_DECAY_LEAF`, so stacked or
-    per-head ones count too), anything of rank < 2, and embedding tables."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: decays(tuple(_key_name(p) for p in path), jnp.ndim(leaf)), params)
+def decay_mask(cfg: Any) -> Any:
+    """True where AdamW decays, from the model's parameter specs (layers.params.decays: matrices
+    yes; vectors, biases, norm scales, fp32-pinned rates and embedding tables no)."""
+    return P.decay_mask(zoo.param_specs(cfg))
 
 
 def _optax_promotion():
@@ -152,12 +119,13 @@ def make_schedule(tcfg: TrainConfig) -> optax.Schedule:
         decay_steps=tcfg.steps, end_value=tcfg.lr * tcfg.min_lr_ratio)
 
 
-def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on a warmup + cosine schedule with `decay_mask`."""
+def make_optimizer(tcfg: TrainConfig, mask: Any = None) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on a warmup + cosine schedule; `mask` (a tree of bools
+    like the params, e.g. `decay_mask(cfg)`) says which parameters are decayed (all if None)."""
     return optax.chain(
         optax.clip_by_global_norm(tcfg.clip_norm),
         optax.adamw(make_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2,
-                    weight_decay=tcfg.weight_decay, mask=decay_mask),
+                    weight_decay=tcfg.weight_decay, mask=mask),
     )
 
 
@@ -210,7 +178,7 @@ _OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "weight_decay", "b1", "b2", 
 
 @functools.lru_cache(maxsize=16)
 def _train_step_for(cfg: Any, opt_fields: tuple) -> tuple[optax.GradientTransformation, Callable]:
-    optimizer = make_optimizer(TrainConfig(**dict(opt_fields)))
+    optimizer = make_optimizer(TrainConfig(**dict(opt_fields)), decay_mask(cfg))
     return optimizer, make_train_step(cfg, optimizer)
 
 

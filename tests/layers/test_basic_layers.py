@@ -128,3 +128,13 @@ def test_param_spec_helpers():
     assert P.count(stacked) == 60
     with pytest.raises(ValueError, match="logical_axes"):
         P.ParamSpec((3, 4), ("embed",), P.zeros)
+
+
+def test_default_weight_decay_rule():
+    mat = P.ParamSpec((3, 4), ("embed", "mlp"), P.zeros)
+    vec = P.ParamSpec((4,), ("mlp",), P.zeros)
+    pinned = P.ParamSpec((4, 16), ("mlp", "state"), P.zeros, keep_dtype=True)  # e.g. A_log
+    table = P.ParamSpec((10, 4), ("vocab", "embed"), P.zeros, decay=False)
+    mask = P.decay_mask(P.stack({"mat": mat, "vec": vec, "pinned": pinned, "table": table}, 2))
+    # Stacking adds the "layers" axis, which does not count: a stacked vector stays undecayed.
+    assert mask == {"mat": True, "vec": False, "pinned": False, "table": False}

@@ -41,7 +41,7 @@ def test_train_config_validates_fields():
 def test_decay_mask_excludes_vectors_biases_norms_and_embeddings(preset):
     cfg = zoo.presets.get(preset, d_model=32, n_layers=2)
     params = jax.eval_shape(lambda: zoo.init(jax.random.key(0), cfg))
-    mask = train.decay_mask(params)
+    mask = train.decay_mask(cfg)
     decayed, kept = set(), set()
     for path, flag in jax.tree_util.tree_leaves_with_path(mask):
         leaf = jax.tree_util.keystr(path)
@@ -64,7 +64,8 @@ def test_weight_decay_applies_only_where_masked():
     params = {"embed": {"table_VD": jnp.ones((4, 3))}, "ffn": {"w": jnp.ones((3, 3)), "b": jnp.ones((3,))},
               "norm": {"scale": jnp.ones((2, 3))}}
     tcfg = train.TrainConfig(steps=10, warmup_steps=0, lr=0.1, weight_decay=0.5)
-    opt = train.make_optimizer(tcfg)
+    mask = {"embed": {"table_VD": False}, "ffn": {"w": True, "b": False}, "norm": {"scale": False}}
+    opt = train.make_optimizer(tcfg, mask)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes float constants with int counts
         updates, _ = jax.jit(opt.update)(zero_grads, opt.init(params), params)
