@@ -53,7 +53,7 @@ def decode_jit(params, prompt_BP, prompt_len_B, max_new, stop_S, key, *, cfg, sa
     seg_BP = (t_1P >= pad_B1).astype(jnp.int32)
     pos_BP = jnp.maximum(t_1P - pad_B1, 0)
     state = model.init_state(cfg, B, cache_len)
-    logits_BPV, state = model._forward(params, prompt_BP, cfg, state, pos_BP, seg_BP)
+    logits_BPV, state, _ = model._forward(params, prompt_BP, cfg, state, pos_BP, seg_BP)
     V = logits_BPV.shape[-1]
     counts_BV = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], prompt_BP].add(seg_BP)
 
@@ -69,7 +69,7 @@ def decode_jit(params, prompt_BP, prompt_len_B, max_new, stop_S, key, *, cfg, sa
         out_BN = out_BN.at[:, i].set(jnp.where(done_B, -1, token_B))
         counts_BV = counts_BV + jax.nn.one_hot(token_B, V, dtype=jnp.int32) * (~done_B)[:, None].astype(jnp.int32)
         done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
-        logits_B1V, state = model._forward(params, token_B[:, None], cfg, state)
+        logits_B1V, state, _ = model._forward(params, token_B[:, None], cfg, state)
         return i + 1, logits_B1V[:, 0], state, counts_BV, done_B, out_BN, key
 
     init = (jnp.int32(0), logits_BPV[:, -1], state, counts_BV, jnp.zeros((B,), bool),

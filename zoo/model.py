@@ -75,25 +75,36 @@ def _remat(fn, cfg: ModelConfig):
 
 
 def _run_blocks(params_blocks, x_BLD, cfg: ModelConfig, states, positions_BL, segment_ids_BL):
+    """-> (x, states stacked like the params, aux per pattern position stacked over repeats)."""
     def repeat(x, xs):
         p_repeat, s_repeat = xs
-        new_states = []
+        new_states, auxes = [], []
         for j, block_cfg in enumerate(cfg.pattern):
             s = None if s_repeat is None else s_repeat[j]
-            x, s = blocks.forward(p_repeat[j], x, cfg=block_cfg, state=s,
-                                  positions=positions_BL, segment_ids=segment_ids_BL)
+            x, s, aux = blocks.forward(p_repeat[j], x, cfg=block_cfg, state=s,
+                                       positions=positions_BL, segment_ids=segment_ids_BL)
             new_states.append(s)
-        return x, (None if s_repeat is None else tuple(new_states))
+            auxes.append(aux)
+        return x, (None if s_repeat is None else tuple(new_states), tuple(auxes))
 
     repeat = _remat(repeat, cfg)
     if cfg.scan_layers:
-        return jax.lax.scan(repeat, x_BLD, (params_blocks, states))
+        x_BLD, (new_states, aux) = jax.lax.scan(repeat, x_BLD, (params_blocks, states))
+        return x_BLD, new_states, aux
     outs = []
     for i in range(cfg.n_repeats):
-        x_BLD, s = repeat(x_BLD, jax.tree.map(lambda a: a[i], (params_blocks, states)))
-        outs.append(s)
-    stacked = None if states is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return x_BLD, stacked
+        x_BLD, out = repeat(x_BLD, jax.tree.map(lambda a: a[i], (params_blocks, states)))
+        outs.append(out)
+    new_states, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x_BLD, new_states, aux
+
+
+def aux_loss(cfg: ModelConfig, aux: dict) -> jax.Array:
+    """The weighted auxiliary losses (MoE load balance, router z-loss) summed over all layers."""
+    total = jnp.zeros((), jnp.float32)
+    for block_cfg, block_aux in zip(cfg.pattern, aux["blocks"]):
+        total = total + blocks.aux_loss(block_cfg, block_aux)
+    return total
 
 
 def _forward(params, tokens_BL, cfg: ModelConfig, state=None, positions_BL=None, segment_ids_BL=None):
@@ -109,16 +120,16 @@ def _forward(params, tokens_BL, cfg: ModelConfig, state=None, positions_BL=None,
         x_BLD = x_BLD + pos_lib.learned(params["pos"], positions_BL, dtype)
     elif cfg.position == "sinusoidal":
         x_BLD = x_BLD + pos_lib.sinusoidal(positions_BL, cfg.d_model, dtype=dtype)
-    x_BLD, block_states = _run_blocks(params["blocks"], x_BLD, cfg,
-                                      None if state is None else state["blocks"],
-                                      positions_BL, segment_ids_BL)
+    x_BLD, block_states, block_aux = _run_blocks(params["blocks"], x_BLD, cfg,
+                                                 None if state is None else state["blocks"],
+                                                 positions_BL, segment_ids_BL)
     x_BLD = norms.forward(params["final_norm"], x_BLD, cfg=cfg.final_norm)
     logits_BLV = embed.unembed(params["embed"], x_BLD)
     if cfg.final_logit_softcap is not None:
         cap = cfg.final_logit_softcap
         logits_BLV = cap * jnp.tanh(logits_BLV / cap)
     new_state = None if state is None else {"blocks": block_states, "pos_B": positions_BL[:, -1] + 1}
-    return logits_BLV, new_state
+    return logits_BLV, new_state, {"blocks": block_aux}
 
 
 _forward_jit = jax.jit(_forward, static_argnames=("cfg",))
@@ -126,16 +137,20 @@ _forward_jit = jax.jit(_forward, static_argnames=("cfg",))
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _step_jit(params, tokens_B, state, cfg):
-    logits_B1V, state = _forward(params, tokens_B[:, None], cfg, state)
+    logits_B1V, state, _ = _forward(params, tokens_B[:, None], cfg, state)
     return logits_B1V[:, 0], state
 
 
 def forward(params: dict, tokens: "Int[Array, 'B L']", *, cfg: ModelConfig, state: dict | None = None,
-            positions: "Int[Array, 'B L'] | None" = None, segment_ids: "Int[Array, 'B L'] | None" = None):
+            positions: "Int[Array, 'B L'] | None" = None, segment_ids: "Int[Array, 'B L'] | None" = None,
+            return_aux: bool = False):
     """Logits float32 [B, L, V]; given `state`, returns (logits, state after the last token).
 
     positions: per-token positions (default 0..L-1, or continuing the state).
     segment_ids: packed rows attend within their own segment; with a state, id 0 marks padding.
+    return_aux: also return the layers' auxiliary outputs (MoE losses and load statistics,
+      stacked per pattern position over layers) as the last element; `aux_loss(cfg, aux)`
+      gives the weighted loss to add to the objective.
     """
     _check_cfg(cfg)
     checks.array("tokens", tokens, rank=2, kind="i")
@@ -145,8 +160,10 @@ def forward(params: dict, tokens: "Int[Array, 'B L']", *, cfg: ModelConfig, stat
             checks.array(name, arr, kind="i", shape=tuple(tokens.shape))
     if state is not None:
         _check_room(state, tokens.shape[1])
-    logits, new_state = _forward_jit(params, tokens, cfg, state, positions, segment_ids)
-    return logits if state is None else (logits, new_state)
+    logits, new_state, aux = _forward_jit(params, tokens, cfg, state, positions, segment_ids)
+    out = (logits,) if state is None else (logits, new_state)
+    out = out + (aux,) if return_aux else out
+    return out[0] if len(out) == 1 else out
 
 
 def step(params: dict, tokens: "Int[Array, 'B']", state: dict, *, cfg: ModelConfig):

@@ -131,16 +131,19 @@ def make_optimizer(tcfg: TrainConfig, mask: Any = None) -> optax.GradientTransfo
 
 def loss_fn(params: Any, inputs: "Int[Array, 'B L']", targets: "Int[Array, 'B L']", cfg: Any,
             mask: "Any | None" = None, **forward_kwargs) -> "Float[Array, '']":
-    """Mean next-token cross-entropy (fp32) over positions where `mask` is non-zero (all if None).
+    """Mean next-token cross-entropy (fp32) over positions where `mask` is non-zero (all if None),
+    plus the model's weighted auxiliary losses.
 
     `forward_kwargs` (e.g. positions=, segment_ids= for packed rows) go to `zoo.forward`.
     """
-    logits_BLV = zoo.forward(params, inputs, cfg=cfg, **forward_kwargs).astype(jnp.float32)
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets)
+    logits_BLV, aux = zoo.forward(params, inputs, cfg=cfg, return_aux=True, **forward_kwargs)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets)
+    # Layers' auxiliary losses (MoE load balance, router z-loss), weighted by their configs.
+    extra = zoo.model.aux_loss(cfg, aux)
     if mask is None:
-        return jnp.mean(ce_BL)
+        return jnp.mean(ce_BL) + extra
     mask_BL = jnp.asarray(mask).astype(jnp.float32)
-    return jnp.sum(ce_BL * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0)
+    return jnp.sum(ce_BL * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0) + extra
 
 
 def make_train_step(cfg: Any, optimizer: optax.GradientTransformation) -> Callable:

@@ -55,7 +55,8 @@ def test_block_variants_match_hand_composition(variant):
                       parallel=variant == "parallel")
     params = _random_params(blocks.param_specs(cfg, D), seed=0)
     x = jax.random.normal(jax.random.key(1), (2, 9, D))
-    y, state = blocks.forward(params, x, cfg=cfg)
+    y, state, aux = blocks.forward(params, x, cfg=cfg)
+    assert aux == {}
     assert state is None
     np.testing.assert_allclose(np.asarray(y), np.asarray(_hand_composed(params, x, variant)), rtol=1e-5, atol=1e-5)
 

@@ -108,7 +108,7 @@ def test_causality_gradient_through_the_block_stack(name):
     t = 9
 
     def out_t(x):
-        y, _ = zoo.model._run_blocks(params["blocks"], x, cfg, None, pos_BL, None)
+        y, _, _ = zoo.model._run_blocks(params["blocks"], x, cfg, None, pos_BL, None)
         return jnp.sum(y[:, t])
 
     g = np.asarray(jax.grad(out_t)(x_BLD))
