@@ -43,10 +43,11 @@ def state_bytes(cfg: Any, batch_size: int, max_len: int, dtype=None) -> int:
 
 
 def _register_builtin() -> None:
-    from layers import attention, mlp
+    from layers import attention, mlp, moe
 
     register(attention.AttentionConfig, attention)
     register(mlp.MLPConfig, mlp)
+    register(moe.MoEConfig, moe)
 
 
 _register_builtin()

@@ -14,6 +14,7 @@ from typing import Callable
 from layers import checks
 from layers.attention import AttentionConfig
 from layers.mlp import MLPConfig
+from layers.moe import MoEConfig
 from layers.norms import NormConfig
 from layers.positions import RopeConfig
 from zoo.config import BlockConfig, ModelConfig
@@ -83,6 +84,15 @@ def llama(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_len, 
                         max_len=max_len, tie_embeddings=tie_embeddings, final_norm=norm), extra)
 
 
+def moe_llama(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_len, moe: dict, **extra) -> ModelConfig:
+    """A Llama block whose channel mixer is a mixture of experts (Mixtral, Switch, Qwen-MoE)."""
+    norm = NormConfig(kind="rms", eps=1e-5)
+    block = BlockConfig(mixer=_attn(d_model, n_heads, n_kv_heads, rope=RopeConfig()),
+                        ffn=MoEConfig(d_model=d_model, **moe), norm=norm)
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
+                        max_len=max_len, final_norm=norm), extra)
+
+
 def gemma2(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_len,
            sliding_window, attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=None,
            **extra) -> ModelConfig:
@@ -108,6 +118,14 @@ register("gpt2-tiny", gpt2, **_TINY, n_heads=4, d_ff=256)
 register("llama-tiny", llama, **_TINY, n_heads=4, n_kv_heads=2, d_ff=172)
 register("mistral-tiny", llama, **_TINY, n_heads=4, n_kv_heads=2, d_ff=172, sliding_window=16)
 register("gemma2-tiny", gemma2, **_TINY, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, sliding_window=16)
+register("mixtral-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=2,
+         moe=dict(d_ff=128, n_experts=8, top_k=2, router="softmax", renormalize=True, load_balance_weight=0.02))
+register("switch-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=4,
+         moe=dict(d_ff=128, n_experts=8, top_k=1, router="switch", dispatch="capacity", capacity_factor=1.25,
+                  load_balance_weight=0.01, router_z_weight=1e-3))
+register("qwen-moe-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=2,
+         moe=dict(d_ff=64, n_experts=8, top_k=2, router="softmax", renormalize=False, n_shared_experts=2,
+                  load_balance_weight=0.01))
 
 # Published shapes (for AOT compile and memory reports; too large to train on a CPU).
 register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)

@@ -11,7 +11,7 @@ import pytest
 import zoo
 from layers.checks import ConfigError
 
-TINY = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "gemma2-tiny"]
+TINY = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "gemma2-tiny", "mixtral-tiny", "qwen-moe-tiny"]
 B, L = 2, 24  # longer than the tiny presets' sliding window (16)
 
 
@@ -211,3 +211,22 @@ def test_full_cache_is_refused():
     _, state = zoo.forward(params, jnp.ones((1, 3), jnp.int32), cfg=cfg, state=state)
     with pytest.raises(ValueError, match="max_len"):
         zoo.step(params, jnp.ones((1,), jnp.int32), state, cfg=cfg)
+
+
+def test_moe_aux_outputs_and_training_loss():
+    from zoo import train
+    cfg = zoo.presets.get("switch-tiny")
+    params = zoo.init(jax.random.key(6), cfg)
+    tokens = _tokens(cfg, seed=6)
+    logits, aux = zoo.forward(params, tokens, cfg=cfg, return_aux=True)
+    ffn_aux = aux["blocks"][0]["ffn"]
+    # One entry per layer; every token routed to exactly one expert (top-1).
+    assert ffn_aux["tokens_per_expert"].shape == (cfg.n_layers, 8)
+    assert np.all(np.asarray(ffn_aux["tokens_per_expert"]).sum(-1) == B * L)
+    moe_cfg = cfg.pattern[0].ffn
+    want_aux = float(jnp.sum(moe_cfg.load_balance_weight * ffn_aux["load_balance_loss"]
+                             + moe_cfg.router_z_weight * ffn_aux["router_z_loss"]))
+    assert want_aux > 0
+    np.testing.assert_allclose(float(zoo.model.aux_loss(cfg, aux)), want_aux, rtol=1e-6)
+    ce = float(jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]))
+    np.testing.assert_allclose(float(train.loss_fn(params, tokens, tokens, cfg)), ce + want_aux, rtol=1e-5)
