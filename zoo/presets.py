@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 from layers import checks
 from layers.attention import AttentionConfig
@@ -93,6 +93,29 @@ def moe_llama(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, max_len, mo
                         max_len=max_len, final_norm=norm), extra)
 
 
+def recurrent(*, vocab_size, d_model, n_layers, max_len, mixer: Callable[[int], Any],
+              ffn: Callable[[int], Any] | None = None, norm_kind="rms", tie_embeddings=True,
+              **extra) -> ModelConfig:
+    """A stack of one linear-time mixer (with an optional channel mixer); `mixer` and `ffn` build
+    the sub-layer configs from d_model, so width overrides reach them."""
+    norm = NormConfig(kind=norm_kind, eps=1e-5)
+    block = BlockConfig(mixer=mixer(d_model), ffn=None if ffn is None else ffn(d_model), norm=norm)
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
+                        max_len=max_len, tie_embeddings=tie_embeddings, final_norm=norm), extra)
+
+
+def _mlp(ratio: float, activation: str = "silu", gated: bool = True) -> Callable[[int], MLPConfig]:
+    return lambda d: MLPConfig(d_model=d, d_ff=int(ratio * d), activation=activation, gated=gated)
+
+
+def _lazy(module: str, cls: str, **kwargs) -> Callable[[int], Any]:
+    """A sub-layer config factory importing its family only when the preset is built."""
+    def make(d_model: int):
+        import importlib
+        return getattr(importlib.import_module(module), cls)(d_model=d_model, **kwargs)
+    return make
+
+
 def gemma2(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_len,
            sliding_window, attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=None,
            **extra) -> ModelConfig:
@@ -126,6 +149,11 @@ register("switch-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=4,
 register("qwen-moe-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=2,
          moe=dict(d_ff=64, n_experts=8, top_k=2, router="softmax", renormalize=False, n_shared_experts=2,
                   load_balance_weight=0.01))
+
+register("mingru-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinGRUConfig", expand=1.5),
+         ffn=_mlp(4, "gelu", gated=False))
+register("minlstm-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinLSTMConfig", expand=1.5),
+         ffn=_mlp(4, "gelu", gated=False))
 
 # Published shapes (for AOT compile and memory reports; too large to train on a CPU).
 register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)

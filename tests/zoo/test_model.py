@@ -11,7 +11,9 @@ import pytest
 import zoo
 from layers.checks import ConfigError
 
-TINY = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "gemma2-tiny", "mixtral-tiny", "qwen-moe-tiny"]
+# Every CPU-sized preset; switch-tiny's capacity dispatch may drop tokens in forward but never
+# in a one-token step, so it has its own test below.
+TINY = [n for n in zoo.presets.names() if n.endswith("-tiny") and n != "switch-tiny"]
 B, L = 2, 24  # longer than the tiny presets' sliding window (16)
 
 
@@ -27,7 +29,7 @@ def _scaled_params(cfg, seed=0, scale=4.0):
 
 def test_presets_listed():
     names = zoo.presets.names()
-    for n in TINY:
+    for n in ("gpt2-tiny", "llama-tiny", "mistral-tiny", "gemma2-tiny"):
         assert n in names
 
 
@@ -230,3 +232,14 @@ def test_moe_aux_outputs_and_training_loss():
     np.testing.assert_allclose(float(zoo.model.aux_loss(cfg, aux)), want_aux, rtol=1e-6)
     ce = float(jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]))
     np.testing.assert_allclose(float(train.loss_fn(params, tokens, tokens, cfg)), ce + want_aux, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY + ["switch-tiny"])
+def test_every_preset_trains(name):
+    """A few optimizer steps on the built-in corpus lower the loss for every preset."""
+    from zoo import data, train
+    cfg = zoo.presets.get(name)
+    tcfg = train.TrainConfig(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, log_every=100)
+    _, history = train.train(cfg, tcfg, data=data.builtin_corpus(200_000), print_fn=lambda s: None)
+    assert np.all(np.isfinite(history)) and np.mean(history[-3:]) < history[0]
