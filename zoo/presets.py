@@ -154,6 +154,11 @@ register("mingru-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("laye
          ffn=_mlp(4, "gelu", gated=False))
 register("minlstm-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinLSTMConfig", expand=1.5),
          ffn=_mlp(4, "gelu", gated=False))
+register("retnet-tiny", recurrent, **_TINY, mixer=_lazy("layers.retnet", "RetNetConfig", n_heads=4),
+         ffn=_mlp(2, "gelu"), norm_kind="layer", tie_embeddings=False)
+register("gla-tiny", recurrent, **_TINY, mixer=_lazy("layers.gla", "GLAConfig", n_heads=4), ffn=_mlp(2.75))
+register("linear-attention-tiny", recurrent, **_TINY,
+         mixer=_lazy("layers.gla", "LinearAttentionConfig", n_heads=4, feature_map="elu1"), ffn=_mlp(2.75))
 
 # Published shapes (for AOT compile and memory reports; too large to train on a CPU).
 register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)
