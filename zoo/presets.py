@@ -116,6 +116,23 @@ def _lazy(module: str, cls: str, **kwargs) -> Callable[[int], Any]:
     return make
 
 
+def xlstm(*, vocab_size, d_model, n_layers, max_len, n_heads, slstm_at=(1,), group=8, **extra) -> ModelConfig:
+    """xLSTM: mLSTM blocks (up-projection inside the mixer, no ffn) with an sLSTM block (gated
+    GELU ffn) at the `slstm_at` positions of each group of `group` blocks (7:1 by default)."""
+    from layers.mlstm import MLSTMConfig
+    from layers.slstm import SLSTMConfig
+    norm = NormConfig(kind="layer", use_bias=False, eps=1e-5)
+    m = BlockConfig(mixer=MLSTMConfig(d_model=d_model, n_heads=n_heads, proj_factor=2.0, conv_width=4,
+                                      form="chunkwise", chunk_size=64), ffn=None, norm=norm)
+    # d_ff: 4/3 * d_model rounded up to a multiple of 64, as the reference's sLSTM blocks.
+    d_ff = -(-4 * d_model // 3 // 64) * 64
+    s = BlockConfig(mixer=SLSTMConfig(d_model=d_model, n_heads=n_heads, conv_width=4),
+                    ffn=MLPConfig(d_model=d_model, d_ff=d_ff, activation="gelu", gated=True), norm=norm)
+    pattern = tuple(s if i in slstm_at else m for i in range(group))
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=pattern,
+                        max_len=max_len, final_norm=norm), extra)
+
+
 def gemma2(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_len,
            sliding_window, attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=None,
            **extra) -> ModelConfig:
@@ -150,6 +167,7 @@ register("qwen-moe-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=2,
          moe=dict(d_ff=64, n_experts=8, top_k=2, router="softmax", renormalize=False, n_shared_experts=2,
                   load_balance_weight=0.01))
 
+register("xlstm-tiny", xlstm, **{**_TINY, "n_layers": 8}, n_heads=4)
 register("mingru-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinGRUConfig", expand=1.5),
          ffn=_mlp(4, "gelu", gated=False))
 register("minlstm-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinLSTMConfig", expand=1.5),
@@ -159,6 +177,15 @@ register("retnet-tiny", recurrent, **_TINY, mixer=_lazy("layers.retnet", "RetNet
 register("gla-tiny", recurrent, **_TINY, mixer=_lazy("layers.gla", "GLAConfig", n_heads=4), ffn=_mlp(2.75))
 register("linear-attention-tiny", recurrent, **_TINY,
          mixer=_lazy("layers.gla", "LinearAttentionConfig", n_heads=4, feature_map="elu1"), ffn=_mlp(2.75))
+register("rwkv4-tiny", recurrent, **_TINY, norm_kind="layer", tie_embeddings=False,
+         mixer=_lazy("layers.rwkv4", "RWKV4TimeMixConfig", form="chunked", chunk_size=32),
+         ffn=_lazy("layers.rwkv4", "RWKV4ChannelMixConfig", d_ff=256))
+register("rwkv7-tiny", recurrent, **_TINY, norm_kind="layer", tie_embeddings=False,
+         mixer=_lazy("layers.rwkv7", "RWKV7TimeMixConfig", head_dim=16, decay_lora=16, a_lora=16, gate_lora=16,
+                     form="chunked", chunk_size=16),
+         ffn=_lazy("layers.rwkv7", "RWKV7ChannelMixConfig", d_ff=256))
+register("mamba2-tiny", recurrent, **{**_TINY, "n_layers": 4},
+         mixer=_lazy("layers.mamba2", "Mamba2Config", d_state=16, head_dim=16, expand=2, chunk_size=64))
 
 # Published shapes (for AOT compile and memory reports; too large to train on a CPU).
 register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from layers import mingru, mixers
+from layers import mingru
 from layers.checks import ConfigError
 from layers.mingru import MinGRUConfig, MinLSTMConfig
 from tests.layers import mixer_harness as H
@@ -233,7 +233,6 @@ def test_packing_matches_between_forms(cell):
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_state_constant_and_registered_shape(cell):
     cfg = make(cell, "log_scan")
-    mixers.register(type(cfg), mingru)  # idempotent; the lead registers it for the zoo
     H.check_state_constant(cfg)
     s = mingru.init_state(cfg, 3, 100, jnp.bfloat16)
     assert s["h_BE"].shape == (3, 12) and s["h_BE"].dtype == jnp.float32
