@@ -133,6 +133,41 @@ def xlstm(*, vocab_size, d_model, n_layers, max_len, n_heads, slstm_at=(1,), gro
                         max_len=max_len, final_norm=norm), extra)
 
 
+def hybrid(*, vocab_size, d_model, n_layers, max_len, n_heads, n_kv_heads, d_ff, attn_every=4,
+           moe: dict | None = None, **extra) -> ModelConfig:
+    """Jamba-like: one attention block per `attn_every` blocks, the rest Mamba; every block has a
+    SwiGLU channel mixer, or MoE on every other block when `moe` is given. A pattern, not code:
+    the group of `attn_every` heterogeneous blocks is what the layer scan repeats."""
+    from layers.mamba import MambaConfig
+    norm = NormConfig(kind="rms", eps=1e-5)
+    attn = _attn(d_model, n_heads, n_kv_heads, rope=None)  # Jamba uses no positional encoding
+    mamba = MambaConfig(d_model=d_model, d_state=16, expand=2)
+    mlp = MLPConfig(d_model=d_model, d_ff=d_ff)
+
+    def ffn(i):
+        return MoEConfig(d_model=d_model, **moe) if moe is not None and i % 2 == 1 else mlp
+
+    pattern = tuple(BlockConfig(mixer=attn if i == attn_every // 2 else mamba, ffn=ffn(i), norm=norm)
+                    for i in range(attn_every))
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=pattern,
+                        max_len=max_len, final_norm=norm), extra)
+
+
+def deepseek(*, vocab_size, d_model, n_layers, max_len, n_heads, kv_lora_rank, q_lora_rank, nope_dim,
+             rope_dim, v_dim, moe: dict | None, d_ff=None, **extra) -> ModelConfig:
+    """DeepSeek-V2/V3: multi-head latent attention (the cache holds only the latent and a shared
+    rope key) with a mixture of experts (sigmoid routing with bias, shared experts) or an MLP."""
+    from layers.mla import MLAConfig
+    norm = NormConfig(kind="rms", eps=1e-6)
+    mla = MLAConfig(d_model=d_model, n_heads=n_heads, kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank,
+                    qk_nope_head_dim=nope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
+                    rope=RopeConfig(layout="interleaved"))
+    ffn = MoEConfig(d_model=d_model, **moe) if moe is not None else MLPConfig(d_model=d_model, d_ff=d_ff)
+    block = BlockConfig(mixer=mla, ffn=ffn, norm=norm)
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
+                        max_len=max_len, final_norm=norm), extra)
+
+
 def gemma2(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_len,
            sliding_window, attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=None,
            **extra) -> ModelConfig:
@@ -167,6 +202,7 @@ register("qwen-moe-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=2,
          moe=dict(d_ff=64, n_experts=8, top_k=2, router="softmax", renormalize=False, n_shared_experts=2,
                   load_balance_weight=0.01))
 
+register("hybrid-tiny", hybrid, **{**_TINY, "n_layers": 8}, n_heads=4, n_kv_heads=2, d_ff=128)
 register("xlstm-tiny", xlstm, **{**_TINY, "n_layers": 8}, n_heads=4)
 register("mingru-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinGRUConfig", expand=1.5),
          ffn=_mlp(4, "gelu", gated=False))
@@ -184,8 +220,16 @@ register("rwkv7-tiny", recurrent, **_TINY, norm_kind="layer", tie_embeddings=Fal
          mixer=_lazy("layers.rwkv7", "RWKV7TimeMixConfig", head_dim=16, decay_lora=16, a_lora=16, gate_lora=16,
                      form="chunked", chunk_size=16),
          ffn=_lazy("layers.rwkv7", "RWKV7ChannelMixConfig", d_ff=256))
+register("mamba-tiny", recurrent, **{**_TINY, "n_layers": 4},
+         mixer=_lazy("layers.mamba", "MambaConfig", d_state=16, expand=2, chunk_size=64))
 register("mamba2-tiny", recurrent, **{**_TINY, "n_layers": 4},
          mixer=_lazy("layers.mamba2", "Mamba2Config", d_state=16, head_dim=16, expand=2, chunk_size=64))
+register("deepseek-tiny", deepseek, **_TINY, n_heads=4, kv_lora_rank=32, q_lora_rank=48, nope_dim=16,
+         rope_dim=8, v_dim=16,
+         moe=dict(d_ff=64, n_experts=16, top_k=4, router="sigmoid", renormalize=True, routed_scaling=2.5,
+                  n_groups=4, topk_groups=2, n_shared_experts=1, load_balance_weight=0.0))
+register("mla-tiny", deepseek, **_TINY, n_heads=4, kv_lora_rank=32, q_lora_rank=None, nope_dim=16, rope_dim=8,
+         v_dim=16, moe=None, d_ff=172)
 
 # Published shapes (for AOT compile and memory reports; too large to train on a CPU).
 register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)
