@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", default="def ", help="sample prompt (default 'def ')")
     t.add_argument("--sample-tokens", type=non_negative_int, default=120,
                    help="greedy tokens to sample after training; 0 skips sampling (default 120)")
+    t.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (orbax, atomic)")
+    t.add_argument("--save-every", type=non_negative_int, default=0,
+                   help="checkpoint every N steps and at the end (default: only at the end)")
+    t.add_argument("--keep-last", type=positive_int, default=3, help="checkpoints kept (default 3)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (bit-for-bit)")
     t.set_defaults(run=cmd_train, subparser=t)
     g = t.add_argument_group("model overrides (default: the preset's values)")
     for name in MODEL_OVERRIDES:
@@ -135,7 +141,15 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"preset {args.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} max_len={cfg.max_len} "
           f"on {jax.devices()[0].platform}; corpus {len(corpus):,} bytes of Python stdlib source")
     t0 = time.perf_counter()
-    params, _history = train.train(cfg, tcfg, data=corpus)
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume: needs --checkpoint-dir")
+    try:
+        params, _history = train.train(cfg, tcfg, data=corpus, checkpoint_dir=args.checkpoint_dir,
+                                       save_every=args.save_every, keep_last=args.keep_last, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        if args.checkpoint_dir is None:
+            raise
+        parser.error(f"--checkpoint-dir: {str(e).splitlines()[0]}")
     print(f"trained in {time.perf_counter() - t0:.1f}s")
     if args.sample_tokens:
         out_BN = generate.greedy(params, prompt_ids[None, :], cfg, args.sample_tokens)

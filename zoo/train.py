@@ -8,6 +8,7 @@ the loop can stop (or skip the batch) without a corrupted model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -22,6 +23,7 @@ import optax
 import zoo
 from layers import checks
 from layers import params as P
+from zoo import checkpoint
 from zoo import data as zdata
 
 if TYPE_CHECKING:
@@ -221,12 +223,18 @@ def evaluate(params: Any, cfg: Any, data: bytes | np.ndarray, *, batch_size: int
 
 
 def train(cfg: Any, tcfg: TrainConfig, *, data: bytes | np.ndarray | None = None, params: Any = None,
-          print_fn: Callable[[str], Any] = print) -> tuple[Any, list[float]]:
+          print_fn: Callable[[str], Any] = print, checkpoint_dir: str | None = None, save_every: int = 0,
+          keep_last: int = 3, resume: bool = False) -> tuple[Any, list[float]]:
     """Train `cfg` on `data` (default: the built-in stdlib corpus) for `tcfg.steps` steps.
 
     Prints a loss line every `tcfg.log_every` steps and the validation bits per byte at the
     end. `params` (optional) are the starting point; they are copied, not donated. Returns
     (params, history) where history[i] is the training loss of step i.
+
+    checkpoint_dir / save_every: save params, optimizer state, the data position and the loss
+      history every `save_every` steps and at the end (orbax, atomic; `keep_last` kept).
+    resume: continue from the newest checkpoint in `checkpoint_dir` (if any): the run then
+      matches an uninterrupted one bit for bit.
     """
     if not isinstance(tcfg, TrainConfig):
         raise TypeError(f"train: tcfg: expected a TrainConfig, got {type(tcfg).__name__}")
@@ -238,47 +246,76 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: bytes | np.ndarray | None = None
         raise ValueError(f"train: data: token ids must be < vocab_size={cfg.vocab_size}, "
                          f"got max {int(tokens.max())}")
     train_tokens, val_tokens = zdata.split(tokens, tcfg.val_fraction)
-    sampler = zdata.WindowSampler(train_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+    if resume and checkpoint_dir is None:
+        raise ValueError("train: resume=True needs checkpoint_dir")
+    ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir, keep_last=keep_last)
 
-    if params is None:
+    optimizer, step_fn = train_step_for(cfg, tcfg)
+    start, history = 0, []
+    if ckpt is not None and resume and ckpt.latest_step() is not None:
+        params_target = P.abstract(zoo.param_specs(cfg))
+        with _optax_promotion():
+            opt_target = jax.eval_shape(optimizer.init, params_target)
+        params, opt_state, extra = ckpt.restore(params_target=params_target, opt_state_target=opt_target)
+        saved = extra.get("train_config", {})
+        changed = {k: (saved[k], v) for k, v in dataclasses.asdict(tcfg).items() if k in saved and saved[k] != v}
+        if changed:
+            raise ValueError(f"train: resume: the checkpoint was written with other settings "
+                             f"(field: (saved, now)): {changed}")
+        start, _ = checkpoint.resume_from(extra)
+        history = list(extra.get("history", []))
+        print_fn(f"resumed from {checkpoint_dir} at step {start}")
+    elif params is None:
         params = zoo.init(jax.random.key(tcfg.seed), cfg)
+        opt_state = optimizer.init(params)
     else:
         params = jax.tree.map(jnp.array, params)  # a private copy: the step donates its input
-    optimizer, step_fn = train_step_for(cfg, tcfg)
-    opt_state = optimizer.init(params)
+        opt_state = optimizer.init(params)
+    sampler = zdata.WindowSampler(train_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.seed, step=start)
+
+    def save(step: int, loss: float) -> None:
+        ckpt.save(step, params=params, opt_state=opt_state, extra={
+            "resume": checkpoint.exact_resume_state(sampler.step), "train_config": dataclasses.asdict(tcfg),
+            "metrics": {"loss": loss}, "history": history})
     with _optax_promotion():
         lrs = np.asarray(jax.jit(jax.vmap(make_schedule(tcfg)))(jnp.arange(tcfg.steps)))
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print_fn(f"training {n_params:,} params for {tcfg.steps} steps: batch {tcfg.batch_size} x "
              f"{tcfg.seq_len} tokens, {len(train_tokens):,} train / {len(val_tokens):,} val tokens")
-    history: list[float] = []
-    skipped = 0
-    t_last, tokens_since = time.perf_counter(), 0
-    for i in range(tcfg.steps):
-        inputs_BL, targets_BL = next(sampler)
-        params, opt_state, metrics = step_fn(params, opt_state, inputs_BL, targets_BL)
-        loss = float(metrics["loss"])
-        history.append(loss)
-        tokens_since += inputs_BL.size
-        if not bool(metrics["finite"]):
-            msg = (f"non-finite training loss at step {i + 1}/{tcfg.steps}: loss={loss}, "
-                   f"grad_norm={float(metrics['grad_norm'])}; the update was not applied")
-            if tcfg.on_nonfinite == "raise":
-                raise NonFiniteLossError(msg)
-            if tcfg.on_nonfinite == "stop":
-                print_fn(msg + "; stopping with the last finite params")
-                break
-            skipped += 1
-            print_fn(msg + "; skipping this batch")
-            continue
-        if i % tcfg.log_every == 0 or i == tcfg.steps - 1:
-            now = time.perf_counter()
-            speed = (f"{now - t_last:.1f}s incl. compilation" if i == 0
-                     else f"{tokens_since / max(now - t_last, 1e-9):,.0f} tok/s")
-            print_fn(f"step {i + 1:>6}/{tcfg.steps}  loss {loss:.4f}  "
-                     f"grad_norm {float(metrics['grad_norm']):.3f}  lr {lrs[i]:.2e}  {speed}")
-            t_last, tokens_since = now, 0
+    # Closing the checkpointer (also on an exception) waits for a pending async save.
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+        skipped = 0
+        t_last, tokens_since = time.perf_counter(), 0
+        for i in range(start, tcfg.steps):
+            inputs_BL, targets_BL = next(sampler)
+            params, opt_state, metrics = step_fn(params, opt_state, inputs_BL, targets_BL)
+            loss = float(metrics["loss"])
+            history.append(loss)
+            tokens_since += inputs_BL.size
+            if not bool(metrics["finite"]):
+                msg = (f"non-finite training loss at step {i + 1}/{tcfg.steps}: loss={loss}, "
+                       f"grad_norm={float(metrics['grad_norm'])}; the update was not applied")
+                if tcfg.on_nonfinite == "raise":
+                    raise NonFiniteLossError(msg)
+                if tcfg.on_nonfinite == "stop":
+                    print_fn(msg + "; stopping with the last finite params")
+                    break
+                skipped += 1
+                print_fn(msg + "; skipping this batch")
+                continue
+            if i % tcfg.log_every == 0 or i == tcfg.steps - 1:
+                now = time.perf_counter()
+                speed = (f"{now - t_last:.1f}s incl. compilation" if i == 0
+                         else f"{tokens_since / max(now - t_last, 1e-9):,.0f} tok/s")
+                print_fn(f"step {i + 1:>6}/{tcfg.steps}  loss {loss:.4f}  "
+                         f"grad_norm {float(metrics['grad_norm']):.3f}  lr {lrs[i]:.2e}  {speed}")
+                t_last, tokens_since = now, 0
+            if ckpt is not None and save_every and (i + 1) % save_every == 0 and i + 1 < tcfg.steps:
+                save(i + 1, loss)
+        if ckpt is not None:
+            if history and sampler.step > (ckpt.latest_step() or 0):
+                save(sampler.step, history[-1])
     if skipped:
         print_fn(f"skipped {skipped} non-finite step(s)")
 

@@ -48,6 +48,7 @@ def test_unknown_preset_exits_2_naming_the_flag(capsys):
     (["--preset", "gpt2-tiny", "--n-kv-heads", "2"], "--n-kv-heads"),
     (["--prompt", "", "--sample-tokens", "4"], "--prompt"),
     (["--sample-tokens", "1000"], "--sample-tokens"),
+    (["--resume"], "--resume"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(args, flag, capsys):
     err = _error(["train", *args], capsys)

@@ -159,3 +159,32 @@ def test_schedule_warmup_then_cosine():
     assert lrs[0] == 0.0 and lrs[TCFG.warmup_steps] == pytest.approx(TCFG.lr)
     assert lrs[-1] == pytest.approx(TCFG.lr * TCFG.min_lr_ratio)
     assert isinstance(train.make_optimizer(TCFG), optax.GradientTransformation)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    """Interrupted after step 5 (checkpoint at 4), resumed: same losses and params as one run."""
+    cfg = zoo.presets.get("llama-tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=32)
+    tcfg = train.TrainConfig(steps=8, batch_size=2, seq_len=16, warmup_steps=1, log_every=1)
+    corpus = bytes(range(256)) * 40
+    full_params, full_history = train.train(cfg, tcfg, data=corpus, print_fn=lambda s: None)
+
+    def stop_at_step_5(line):
+        if line.startswith("step      5/"):
+            raise _Interrupt
+    with pytest.raises(_Interrupt):
+        train.train(cfg, tcfg, data=corpus, print_fn=stop_at_step_5, checkpoint_dir=str(tmp_path), save_every=4)
+    lines = []
+    params, history = train.train(cfg, tcfg, data=corpus, print_fn=lines.append, checkpoint_dir=str(tmp_path),
+                                  save_every=4, resume=True)
+    assert any("resumed" in line and "step 4" in line for line in lines)
+    assert history == full_history
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Other settings than the checkpoint's are refused, naming the field.
+    with pytest.raises(ValueError, match="lr"):
+        train.train(cfg, dataclasses.replace(tcfg, lr=1e-2), data=corpus, print_fn=lambda s: None,
+                    checkpoint_dir=str(tmp_path), resume=True)
