@@ -31,3 +31,11 @@ def test_custom_architecture_decodes_like_forward(capsys):
     logits = zoo.forward(params, full, cfg=cfg)
     want = jnp.argmax(logits[:, prompt.shape[1] - 1:], axis=-1)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
+
+
+def test_train_custom_hybrid_runs_and_learns(capsys):
+    ex = _load("train_custom_hybrid")
+    history = ex.main(steps=12)
+    assert len(history) == 12 and np.isfinite(history).all()
+    assert np.mean(history[-3:]) < history[0]
+    assert "val bits/byte" in capsys.readouterr().out
