@@ -230,6 +230,10 @@ register("deepseek-tiny", deepseek, **_TINY, n_heads=4, kv_lora_rank=32, q_lora_
                   n_groups=4, topk_groups=2, n_shared_experts=1, load_balance_weight=0.0))
 register("mla-tiny", deepseek, **_TINY, n_heads=4, kv_lora_rank=32, q_lora_rank=None, nope_dim=16, rope_dim=8,
          v_dim=16, moe=None, d_ff=172)
+register("deltanet-tiny", recurrent, **_TINY, ffn=_mlp(3),
+         mixer=_lazy("layers.deltanet", "DeltaNetConfig", n_heads=2, head_dim=32, gated=False))
+register("gated-deltanet-tiny", recurrent, **_TINY, ffn=_mlp(3),
+         mixer=_lazy("layers.deltanet", "DeltaNetConfig", n_heads=2, head_dim=32, gated=True))
 
 # Published shapes (for AOT compile and memory reports; too large to train on a CPU).
 register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)
