@@ -6,6 +6,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import zoo
 
@@ -33,6 +34,7 @@ def test_custom_architecture_decodes_like_forward(capsys):
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
 
 
+@pytest.mark.slow  # compiles the gradient of a three-family model: about a minute on 2 cores
 def test_train_custom_hybrid_runs_and_learns(capsys):
     ex = _load("train_custom_hybrid")
     history = ex.main(steps=12)

@@ -14,14 +14,16 @@ from zoo.sampling import SamplingConfig
 
 
 def _reference_greedy(params, prompt, cfg, n_new):
-    """Greedy by re-running the full forward on the growing sequence."""
-    seq = list(prompt)
-    for _ in range(n_new):
-        logits = np.asarray(zoo.forward(params, jnp.asarray([seq], jnp.int32), cfg=cfg))[0, -1]
+    """Greedy by re-running the full forward on the growing sequence, right-padded to one length
+    (causal models ignore what follows, and one shape means one compile)."""
+    seq = np.zeros((1, len(prompt) + n_new), np.int32)
+    seq[0, :len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + n_new):
+        logits = np.asarray(zoo.forward(params, jnp.asarray(seq), cfg=cfg))[0, i - 1]
         top2 = np.sort(logits)[-2:]
         assert top2[1] - top2[0] > 1e-4, "near-tie logits: pick another seed"
-        seq.append(int(logits.argmax()))
-    return seq[len(prompt):]
+        seq[0, i] = int(logits.argmax())
+    return seq[0, len(prompt):].tolist()
 
 
 def _model(preset, **kw):
