@@ -8,6 +8,8 @@ deterministically from a seed and a step counter, so a resumed run sees the same
 
 from __future__ import annotations
 
+import abc
+
 import os
 import sysconfig
 from typing import TYPE_CHECKING, Any, Iterator
@@ -156,30 +158,28 @@ def sequential_windows(data_np: np.ndarray, seq_len: int, max_windows: int | Non
     return windows_NL[:, :-1], windows_NL[:, 1:]
 
 
-class WindowSampler:
-    """Deterministic iterator over random next-token batches.
+class SeededSampler(abc.ABC):
+    """Deterministic iterator whose batch `i` depends only on `(seed, i)`.
 
-    Batch `i` depends only on `(seed, i)`, so `step` (the number of batches drawn so far) is all
-    the state a checkpoint needs: `WindowSampler(data, B, L, seed, step=i)` continues exactly
-    where a run left off, and `batch(i)` gives any batch without drawing the ones before it.
+    `step` (the number of batches drawn so far) is therefore all the state a checkpoint needs:
+    a sampler built with `step=i` continues exactly where a run left off, and `batch(i)` gives
+    any batch without drawing the ones before it. Subclasses implement `_draw(rng)`.
     """
 
-    def __init__(self, data: bytes | np.ndarray, batch_size: int, seq_len: int, seed: int = 0, *,
-                 step: int = 0):
-        self.data = as_array(data, "WindowSampler: data")
-        if len(self.data) < seq_len + 1:
-            raise ValueError(
-                f"WindowSampler: data: expected at least seq_len + 1 = {seq_len + 1} items, got {len(self.data)}"
-            )
-        if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"WindowSampler: step: expected a non-negative integer, got {step!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"WindowSampler: seed: expected a non-negative integer, got {seed!r}")
+    def __init__(self, batch_size: int, seed: int = 0, *, step: int = 0):
+        name = type(self).__name__
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{name}: step: expected a non-negative integer, got {step!r}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"{name}: seed: expected a non-negative integer, got {seed!r}")
         self.batch_size = batch_size
-        self.seq_len = seq_len
         self.seed = int(seed)
         self._step = int(step)
-        self.batch(0)  # validate batch_size / seq_len now, not at the first draw
+        self.batch(0)  # validate the settings now, not at the first draw
+
+    @abc.abstractmethod
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One batch (inputs_BL, targets_BL) from this rng."""
 
     @property
     def step(self) -> int:
@@ -187,8 +187,7 @@ class WindowSampler:
         return self._step
 
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng((self.seed, int(index)))
-        return random_windows(self.data, self.batch_size, self.seq_len, rng)
+        return self._draw(np.random.default_rng((self.seed, int(index))))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self
@@ -197,6 +196,23 @@ class WindowSampler:
         out = self.batch(self._step)
         self._step += 1
         return out
+
+
+class WindowSampler(SeededSampler):
+    """Random next-token windows of `data` (see SeededSampler for the determinism contract)."""
+
+    def __init__(self, data: bytes | np.ndarray, batch_size: int, seq_len: int, seed: int = 0, *,
+                 step: int = 0):
+        self.data = as_array(data, "WindowSampler: data")
+        if len(self.data) < seq_len + 1:
+            raise ValueError(
+                f"WindowSampler: data: expected at least seq_len + 1 = {seq_len + 1} items, got {len(self.data)}"
+            )
+        self.seq_len = seq_len
+        super().__init__(batch_size, seed, step=step)
+
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return random_windows(self.data, self.batch_size, self.seq_len, rng)
 
     def __repr__(self) -> str:
         return (f"WindowSampler(len(data)={len(self.data)}, batch_size={self.batch_size}, "

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from layers import checks
+from zoo.data import SeededSampler
 
 if TYPE_CHECKING:
     from jaxtyping import Int
@@ -340,39 +341,16 @@ def batch(cfg: Any, batch_size: int, rng: np.random.Generator
     return gen(cfg, batch_size, rng)
 
 
-class Sampler:
-    """Deterministic iterator over task batches: batch `i` depends only on `(seed, i)`.
-
-    Same contract as `zoo.data.WindowSampler`: `step` is the whole resume state, and
-    `batch(i)` gives any batch without drawing the ones before it.
-    """
+class Sampler(SeededSampler):
+    """Deterministic iterator over task batches: batch `i` depends only on `(seed, i)`, the
+    contract of `zoo.data.SeededSampler` (so a resumed run sees the same batches)."""
 
     def __init__(self, cfg: Any, batch_size: int, seed: int = 0, *, step: int = 0):
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"Sampler: seed: expected a non-negative integer, got {seed!r}")
-        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"Sampler: step: expected a non-negative integer, got {step!r}")
         self.cfg = cfg
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self._step = int(step)
-        self.batch(0)  # validate cfg / batch_size now, not at the first draw
+        super().__init__(batch_size, seed, step=step)
 
-    @property
-    def step(self) -> int:
-        """Number of batches drawn so far (the index of the next batch)."""
-        return self._step
-
-    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return batch(self.cfg, self.batch_size, np.random.default_rng((self.seed, int(index))))
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        out = self.batch(self._step)
-        self._step += 1
-        return out
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return batch(self.cfg, self.batch_size, rng)
 
     def __repr__(self) -> str:
         return (f"Sampler({self.cfg!r}, batch_size={self.batch_size}, seed={self.seed}, "
