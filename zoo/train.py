@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import functools
 import math
+import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -222,6 +224,23 @@ def evaluate(params: Any, cfg: Any, data: bytes | np.ndarray, *, batch_size: int
     return total / count / math.log(2)
 
 
+@contextlib.contextmanager
+def _stop_on_signals(flag: list[int], *, enabled: bool):
+    """While active, SIGTERM and SIGINT append their number to `flag` instead of killing the
+    process, so the loop can finish its step and save. Only the main thread may set handlers."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: flag.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train(cfg: Any, tcfg: TrainConfig, *, data: bytes | np.ndarray | None = None, params: Any = None,
           print_fn: Callable[[str], Any] = print, checkpoint_dir: str | None = None, save_every: int = 0,
           keep_last: int = 3, resume: bool = False) -> tuple[Any, list[float]]:
@@ -283,8 +302,11 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: bytes | np.ndarray | None = None
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print_fn(f"training {n_params:,} params for {tcfg.steps} steps: batch {tcfg.batch_size} x "
              f"{tcfg.seq_len} tokens, {len(train_tokens):,} train / {len(val_tokens):,} val tokens")
-    # Closing the checkpointer (also on an exception) waits for a pending async save.
-    with ckpt if ckpt is not None else contextlib.nullcontext():
+    # Closing the checkpointer (also on an exception) waits for a pending async save; with a
+    # checkpointer, SIGTERM / SIGINT end the run after the current step with a final save.
+    stop_signal: list[int] = []
+    with ckpt if ckpt is not None else contextlib.nullcontext(), \
+            _stop_on_signals(stop_signal, enabled=ckpt is not None):
         skipped = 0
         t_last, tokens_since = time.perf_counter(), 0
         for i in range(start, tcfg.steps):
@@ -313,6 +335,9 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: bytes | np.ndarray | None = None
                 t_last, tokens_since = now, 0
             if ckpt is not None and save_every and (i + 1) % save_every == 0 and i + 1 < tcfg.steps:
                 save(i + 1, loss)
+            if stop_signal:
+                print_fn(f"received signal {stop_signal[0]} at step {i + 1}: saving and stopping")
+                break
         if ckpt is not None:
             if history and sampler.step > (ckpt.latest_step() or 0):
                 save(sampler.step, history[-1])

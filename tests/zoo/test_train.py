@@ -188,3 +188,28 @@ def test_resume_is_bit_for_bit(tmp_path):
     with pytest.raises(ValueError, match="lr"):
         train.train(cfg, dataclasses.replace(tcfg, lr=1e-2), data=corpus, print_fn=lambda s: None,
                     checkpoint_dir=str(tmp_path), resume=True)
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, train returns; resuming
+    completes the run with the same losses as an uninterrupted one."""
+    import os
+    import signal
+
+    cfg = zoo.presets.get("llama-tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=32)
+    tcfg = train.TrainConfig(steps=6, batch_size=2, seq_len=16, warmup_steps=1, log_every=1)
+    corpus = bytes(range(256)) * 40
+
+    def kill_at_step_3(line):
+        if line.startswith("step      3/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    lines = []
+    before = signal.getsignal(signal.SIGTERM)
+    _, history = train.train(cfg, tcfg, data=corpus, checkpoint_dir=str(tmp_path),
+                             print_fn=lambda s: (lines.append(s), kill_at_step_3(s)))
+    assert len(history) == 3 and any("saving and stopping" in s for s in lines)
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    _, resumed = train.train(cfg, tcfg, data=corpus, checkpoint_dir=str(tmp_path), resume=True,
+                             print_fn=lambda s: None)
+    _, full = train.train(cfg, tcfg, data=corpus, print_fn=lambda s: None)
+    assert resumed == full
