@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=non_negative_int, default=None,
                    help="linear warmup steps (default: min(20, steps // 10))")
     t.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW decay (default 0.1)")
+    t.add_argument("--optimizer", choices=("adamw", "lion", "adafactor"), default="adamw",
+                   help="optimizer (default adamw)")
     t.add_argument("--clip-norm", type=positive_float, default=1.0, help="global gradient norm clip (default 1)")
     t.add_argument("--seed", type=non_negative_int, default=0, help="init and data seed (default 0)")
     t.add_argument("--log-every", type=positive_int, default=None,
@@ -106,7 +108,7 @@ def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     try:
         return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                            warmup_steps=warmup, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
-                           seed=args.seed, log_every=log_every)
+                           seed=args.seed, log_every=log_every, optimizer=args.optimizer)
     except ConfigError as e:
         m = re.match(r"TrainConfig\.(\w+)", str(e))
         parser.error(f"{_flag(m.group(1)) if m else '--steps'}: {e}")

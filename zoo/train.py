@@ -66,6 +66,9 @@ class TrainConfig:
     eval_batches: at most this many batches of validation windows are evaluated.
     on_nonfinite: "raise" (NonFiniteLossError), "stop" (return the last finite params) or
       "skip" (drop that update and continue).
+    optimizer: "adamw", "lion" (b1, b2 are its interpolation and momentum rates; use a lr
+      3-10x smaller than AdamW's) or "adafactor" (factored second moments; b1, b2 unused);
+      all on the same schedule, clipping and decay mask.
     """
 
     steps: int = 300
@@ -83,6 +86,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     eval_batches: int = 8
     on_nonfinite: Literal["raise", "stop", "skip"] = "raise"
+    optimizer: Literal["adamw", "lion", "adafactor"] = "adamw"
 
     def __post_init__(self):
         name = "TrainConfig"
@@ -103,6 +107,7 @@ class TrainConfig:
         _in_range(name, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, hi_open=False)
         _in_range(name, "val_fraction", self.val_fraction, 0.0, 1.0)
         checks.one_of(name, "on_nonfinite", self.on_nonfinite, ("raise", "stop", "skip"))
+        checks.one_of(name, "optimizer", self.optimizer, OPTIMIZERS)
 
 
 def decay_mask(cfg: Any) -> Any:
@@ -123,14 +128,24 @@ def make_schedule(tcfg: TrainConfig) -> optax.Schedule:
         decay_steps=tcfg.steps, end_value=tcfg.lr * tcfg.min_lr_ratio)
 
 
+OPTIMIZERS = ("adamw", "lion", "adafactor")
+
+
 def make_optimizer(tcfg: TrainConfig, mask: Any = None) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on a warmup + cosine schedule; `mask` (a tree of bools
-    like the params, e.g. `decay_mask(cfg)`) says which parameters are decayed (all if None)."""
-    return optax.chain(
-        optax.clip_by_global_norm(tcfg.clip_norm),
-        optax.adamw(make_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2,
-                    weight_decay=tcfg.weight_decay, mask=mask),
-    )
+    """Global-norm clipping, then `tcfg.optimizer` on a warmup + cosine schedule; `mask` (a tree
+    of bools like the params, e.g. `decay_mask(cfg)`) says which parameters are decayed (all
+    if None)."""
+    schedule = make_schedule(tcfg)
+    if tcfg.optimizer == "lion":
+        inner = optax.lion(schedule, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=mask)
+    elif tcfg.optimizer == "adafactor":
+        # Absolute steps (not scaled by each parameter's RMS) so that lr means what it means for
+        # AdamW and Lion: tiny-init embeddings would otherwise barely move.
+        inner = optax.adafactor(schedule, multiply_by_parameter_scale=False,
+                                weight_decay_rate=tcfg.weight_decay or None, weight_decay_mask=mask)
+    else:
+        inner = optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=mask)
+    return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), inner)
 
 
 def loss_fn(params: Any, inputs: "Int[Array, 'B L']", targets: "Int[Array, 'B L']", cfg: Any,
@@ -180,7 +195,8 @@ def train_step_for(cfg: Any, tcfg: TrainConfig) -> tuple[optax.GradientTransform
     return _train_step_for(cfg, tuple(sorted(opt_fields.items())))
 
 
-_OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "weight_decay", "b1", "b2", "clip_norm", "min_lr_ratio")
+_OPTIMIZER_FIELDS = ("steps", "lr", "warmup_steps", "weight_decay", "b1", "b2", "clip_norm", "min_lr_ratio",
+                     "optimizer")
 
 
 @functools.lru_cache(maxsize=16)

@@ -213,3 +213,23 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
                              print_fn=lambda s: None)
     _, full = train.train(cfg, tcfg, data=corpus, print_fn=lambda s: None)
     assert resumed == full
+
+
+@pytest.mark.parametrize("name, lr", [("lion", 3e-4), ("adafactor", 1e-2)])
+def test_other_optimizers_learn_and_respect_the_mask(name, lr):
+    cfg = zoo.presets.get("llama-tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=32)
+    tcfg = train.TrainConfig(steps=15, batch_size=4, seq_len=16, warmup_steps=1, log_every=100, lr=lr,
+                             optimizer=name)
+    _, history = train.train(cfg, tcfg, data=bytes(range(256)) * 40, print_fn=lambda s: None)
+    assert np.isfinite(history).all() and np.mean(history[-3:]) < history[0]
+    # With zero gradients only decay moves a parameter: masked-out ones stay put.
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
+    opt = train.make_optimizer(dataclasses.replace(tcfg, weight_decay=0.5, warmup_steps=0), {"w": True, "b": False})
+    with jax.numpy_dtype_promotion("standard"):
+        updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    assert float(jnp.abs(updates["w"]).max()) > 0 and float(jnp.abs(updates["b"]).max()) == 0.0
+
+
+def test_unknown_optimizer_names_the_field():
+    with pytest.raises(ConfigError, match="TrainConfig.optimizer"):
+        train.TrainConfig(optimizer="sgd")
