@@ -11,7 +11,6 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-from layers import checks
 from layers.attention import AttentionConfig
 from layers.mlp import MLPConfig
 from layers.moe import MoEConfig
@@ -49,8 +48,10 @@ def _finish(cfg_kwargs: dict, extra: dict) -> ModelConfig:
     """Apply the model-wide overrides (dtype, remat, ...) and the attention impl."""
     impl = extra.pop("impl", None)
     if impl is not None:
+        # Only mixers with several implementations (attention, MLA) take the override.
         cfg_kwargs["pattern"] = tuple(
-            dataclasses.replace(b, mixer=dataclasses.replace(b.mixer, impl=impl)) for b in cfg_kwargs["pattern"])
+            dataclasses.replace(b, mixer=dataclasses.replace(b.mixer, impl=impl)) if hasattr(b.mixer, "impl") else b
+            for b in cfg_kwargs["pattern"])
     return ModelConfig(**cfg_kwargs, **extra)
 
 

@@ -236,3 +236,8 @@ def test_every_preset_trains(name):
     tcfg = train.TrainConfig(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, log_every=100)
     _, history = train.train(cfg, tcfg, data=data.builtin_corpus(200_000), print_fn=lambda s: None)
     assert np.all(np.isfinite(history)) and np.mean(history[-3:]) < history[0]
+
+
+def test_impl_override_reaches_only_mixers_that_have_one():
+    cfg = zoo.presets.get("hybrid-tiny", impl="reference")
+    assert [getattr(b.mixer, "impl", None) for b in cfg.pattern] == [None, None, "reference", None]
