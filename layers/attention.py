@@ -127,13 +127,6 @@ def _project(x_BLD, w, b):
     return y.astype(x_BLD.dtype)
 
 
-def _write(cache_BT, new_BL, index_B):
-    """Write each row's new entries at that row's own offset."""
-    def one(c, n, i):
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0)
-    return jax.vmap(one)(cache_BT, new_BL, index_B)
-
-
 def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfig,
             state: dict | None = None, positions: "Int[Array, 'B L'] | None" = None,
             segment_ids: "Int[Array, 'B L'] | None" = None) -> tuple["Float[Array, 'B L D']", dict | None]:
@@ -163,14 +156,8 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfi
         q_seg_BL = segment_ids
         new_state = None
     else:
-        slot_pos_BL = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
-        index_B = state["index_B"]
-        new_state = {
-            "k_BTGK": _write(state["k_BTGK"], k_BLGK, index_B),
-            "v_BTGK": _write(state["v_BTGK"], v_BLGK, index_B),
-            "pos_BT": _write(state["pos_BT"], slot_pos_BL, index_B),
-            "index_B": index_B + L,
-        }
+        new_state = attention_core.cache_append(state, {"k_BTGK": k_BLGK, "v_BTGK": v_BLGK},
+                                                positions, segment_ids)
         k_pos_BS, k_BSGK, v_BSGK = new_state["pos_BT"], new_state["k_BTGK"], new_state["v_BTGK"]
         k_BSGK, v_BSGK = k_BSGK.astype(x_BLD.dtype), v_BSGK.astype(x_BLD.dtype)
         q_seg_BL = k_seg_BS = None

@@ -123,3 +123,22 @@ def attend_reference(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS=None, *, scale,
         logits_BHLS = logits_BHLS + bias_BHLS
     p_BHLS = _masked_softmax(logits_BHLS, mask_BLS[:, None, :, :])
     return jnp.einsum("BHLS,BSHK->BLHK", p_BHLS, v_BSHK).astype(q_BLHK.dtype)
+
+
+def _write(cache_BT, new_BL, index_B):
+    """Write each row's new entries at that row's own offset."""
+    def one(c, n, i):
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0)
+    return jax.vmap(one)(cache_BT, new_BL, index_B)
+
+
+def cache_append(state: dict, entries: dict, positions_BL, segment_ids_BL=None) -> dict:
+    """The KV-cache update shared by every attention mixer: write `entries` (name -> [B, L, ...])
+    at each row's next slot, record each slot's logical position (-1 for padding, segment id 0)
+    in `pos_BT`, and advance `index_B`. Masks are then built from `pos_BT` alone."""
+    slot_pos_BL = positions_BL if segment_ids_BL is None else jnp.where(segment_ids_BL > 0, positions_BL, -1)
+    index_B = state["index_B"]
+    new_state = {name: _write(state[name], value, index_B) for name, value in entries.items()}
+    new_state["pos_BT"] = _write(state["pos_BT"], slot_pos_BL, index_B)
+    new_state["index_B"] = index_B + positions_BL.shape[1]
+    return new_state

@@ -218,13 +218,6 @@ def _proj(x, w, spec: str):
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _write(cache_BT, new_BL, index_B):
-    """Write each row's new entries at that row's own offset."""
-    def one(c, n, i):
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0)
-    return jax.vmap(one)(cache_BT, new_BL, index_B)
-
-
 def _pad_last(x, width: int):
     extra = width - x.shape[-1]
     if extra == 0:
@@ -301,15 +294,8 @@ def _forward(params, x_BLD, *, cfg, state, positions, segment_ids, absorb: bool)
         masks = dict(q_pos_BL=positions, k_pos_BS=positions, q_seg_BL=segment_ids, k_seg_BS=segment_ids)
         new_state = None
     else:
-        # Padding tokens (segment id 0) are written as empty slots, as in layers/attention.py.
-        slot_pos_BL = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
-        index_B = state["index_B"]
-        new_state = {
-            "c_BTC": _write(state["c_BTC"], c_BLC, index_B),
-            "k_pe_BTR": _write(state["k_pe_BTR"], k_pe_BLR, index_B),
-            "pos_BT": _write(state["pos_BT"], slot_pos_BL, index_B),
-            "index_B": index_B + L,
-        }
+        new_state = attention_core.cache_append(state, {"c_BTC": c_BLC, "k_pe_BTR": k_pe_BLR},
+                                                positions, segment_ids)
         c_BSC = new_state["c_BTC"].astype(x_BLD.dtype)
         k_pe_BSR = new_state["k_pe_BTR"].astype(x_BLD.dtype)
         masks = dict(q_pos_BL=positions, k_pos_BS=new_state["pos_BT"])
