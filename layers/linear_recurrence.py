@@ -22,7 +22,8 @@ it is <= 0 and exp never overflows; no factor exp(+G) is ever formed (the q*exp(
 trick overflows under strong decays). Segment sums inside a chunk are masked cumulative sums
 (sum_{j<m<=i} g_m accumulated directly), never differences of two prefix sums that cancel.
 The cost is the explicit [C, C, K] decay tensor per chunk (C*C*K per chunk instead of C*K);
-a per-head scalar decay uses a [C, C] tensor instead. A Pallas kernel replaces this function.
+a per-head scalar decay uses a [C, C] tensor instead. The Pallas kernel
+`pallas_kernels.linear_scan` replaces the chunked form (`impl`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ if TYPE_CHECKING:
     from jaxtyping import Array, Bool, Float
 
 FORMS = ("recurrent", "chunked", "parallel")
+IMPLS = ("auto", "xla", "pallas", "reference")
+
+
+def _auto_impl(chunk_size: int) -> str:
+    """The kernel where Pallas compiles natively and the chunk tiles it; else the XLA scan."""
+    native = jax.default_backend() in ("gpu", "tpu")
+    return "pallas" if native and chunk_size >= 8 and not chunk_size & (chunk_size - 1) else "xla"
 
 
 def _validate(q_BLHK, k_BLHK, v_BLHV, g, h0_BHKV, reset_BL, form, chunk_size):
@@ -152,7 +160,7 @@ def decayed_linear_attention(
         q_BLHK: "Float[Array, 'B L H K']", k_BLHK: "Float[Array, 'B L H K']",
         v_BLHV: "Float[Array, 'B L H V']", g: "Float[Array, 'B L H K'] | Float[Array, 'B L H'] | None" = None,
         h0_BHKV: "Float[Array, 'B H K V'] | None" = None, reset_BL: "Bool[Array, 'B L'] | None" = None, *,
-        scale: float, form: str = "chunked", chunk_size: int = 64,
+        scale: float, form: str = "chunked", chunk_size: int = 64, impl: str = "auto",
 ) -> tuple["Float[Array, 'B L H V']", "Float[Array, 'B H K V']"]:
     """o_t = scale * q_t S_t with S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t (see module doc).
 
@@ -162,8 +170,22 @@ def decayed_linear_attention(
     h0_BHKV: initial state (zeros when None). reset_BL: True where a document starts.
     Returns the output in q's dtype and the final state in float32. Inputs may be bf16; all
     arithmetic is float32.
+    impl (for form "chunked"): "xla" (the chunked scan here), "pallas" (the kernel
+      `pallas_kernels.linear_scan`, interpret mode on CPU), "reference" (the recurrent form) or
+      "auto" ("pallas" on GPU/TPU when chunk_size is a power of two >= 8, else "xla").
     """
     _validate(q_BLHK, k_BLHK, v_BLHV, g, h0_BHKV, reset_BL, form, chunk_size)
+    checks.one_of("decayed_linear_attention", "impl", impl, IMPLS)
+    L = q_BLHK.shape[1]
+    if form == "chunked" and L > 0:
+        impl = _auto_impl(chunk_size) if impl == "auto" else impl
+        if impl == "pallas":
+            from pallas_kernels.linear_scan import linear_scan
+            # Kernel chunks are powers of two; a short input gets a chunk no longer than needed.
+            C = max(8, min(1 << (chunk_size.bit_length() - 1), 1 << (L - 1).bit_length()))
+            return linear_scan(q_BLHK, k_BLHK, v_BLHV, g, h0_BHKV, reset_BL, scale=scale, chunk_size=C)
+        if impl == "reference":
+            form = "recurrent"
     B, L, H, K = q_BLHK.shape
     V = v_BLHV.shape[-1]
     f32 = jnp.float32

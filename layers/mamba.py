@@ -19,7 +19,8 @@ The recurrence lives in the pure function `selective_scan`, in three forms selec
 (all exact, all agree): "sequential" (one lax.scan step per token, the reference form),
 "associative" (one jax.lax.associative_scan over the whole sequence; memory B*L*E*N) and
 "chunked" (lax.scan over chunks of `chunk_size`, associative scan inside each chunk, the chunk
-body rematerialised in the backward pass so only chunk-boundary states are saved).
+body rematerialised in the backward pass so only chunk-boundary states are saved). Mode
+"pallas" runs the kernel `pallas_kernels.selective_scan` (same numbers), "auto" picks it on GPU/TPU.
 
 Mixer protocol (DESIGN.md): param_specs, init, forward, init_state, step. Decoding state:
 {"conv": last d_conv-1 inputs of the conv [B, d_conv-1, E] (activation dtype),
@@ -45,7 +46,8 @@ from layers.params import ParamSpec, fan_in_normal, zeros
 if TYPE_CHECKING:
     from jaxtyping import Array, Bool, Float, Int
 
-SCAN_MODES = ("associative", "chunked", "sequential")
+SCAN_MODES = ("associative", "chunked", "sequential")  # the XLA forms
+KERNEL_MODES = ("pallas", "auto")  # dispatch to pallas_kernels.selective_scan
 INNER_AXIS = "mlp"  # logical axis of E: the mixer's hidden width, sharded like an MLP's under TP
 
 
@@ -61,7 +63,7 @@ class MambaConfig:
     dt_init_floor: ... and at least this; the dt bias is its inverse softplus.
     conv_bias: bias on the convolution.
     proj_bias: biases on in_proj and out_proj.
-    scan: "chunked" | "associative" | "sequential" (see `selective_scan`).
+    scan: "chunked" | "associative" | "sequential" | "pallas" | "auto" (see `selective_scan`).
     chunk_size: chunk length of the "chunked" scan.
     """
 
@@ -90,7 +92,7 @@ class MambaConfig:
                 f"{name}: expected 0 < dt_min <= dt_max, got dt_min={self.dt_min!r}, dt_max={self.dt_max!r}")
         if not self.dt_init_floor > 0:
             checks.fail(name, "dt_init_floor", "a positive float", self.dt_init_floor)
-        checks.one_of(name, "scan", self.scan, SCAN_MODES)
+        checks.one_of(name, "scan", self.scan, SCAN_MODES + KERNEL_MODES)
 
     @property
     def d_inner(self) -> int:
@@ -179,9 +181,11 @@ def selective_scan(u_BLE: "Float[Array, 'B L E']", delta_BLE: "Float[Array, 'B L
 
     delta is the final (positive) step: softplus and bias are the caller's. h_{-1} = h0 (zeros if
     None). Math in fp32; returns (y in u's dtype, h after the last token in fp32).
-    mode: "sequential" | "associative" | "chunked" (same numbers; see the module docstring).
+    mode: "sequential" | "associative" | "chunked" (same numbers; see the module docstring), or
+      "pallas" (the kernel `pallas_kernels.selective_scan`, interpret mode on CPU) or "auto"
+      ("pallas" on GPU/TPU, "chunked" elsewhere).
     """
-    checks.one_of("selective_scan", "mode", mode, SCAN_MODES)
+    checks.one_of("selective_scan", "mode", mode, SCAN_MODES + KERNEL_MODES)
     checks.positive("selective_scan", "chunk_size", chunk_size)
     checks.array("u_BLE", u_BLE, rank=3, kind="f")
     Bsz, L, E = u_BLE.shape
@@ -211,8 +215,14 @@ def _selective_scan(u_BLE, delta_BLE, A_EN, B_BLN, C_BLN, D_E, h0_BEN, reset_BL,
     h_BEN = jnp.zeros((Bsz, E, N), jnp.float32) if h0_BEN is None else f32(h0_BEN)
     keep_BL = None if reset_BL is None else 1.0 - reset_BL.astype(jnp.float32)
 
+    if mode == "auto":
+        mode = "pallas" if jax.default_backend() in ("gpu", "tpu") else "chunked"
     if L == 1:  # decoding: one update, whatever the mode
         y_BLE, h_BEN = _scan_block(h_BEN, u32_BLE, delta_BLE, A_EN, B_BLN, C_BLN, keep_BL)
+    elif mode == "pallas":
+        from pallas_kernels.selective_scan import selective_scan as kernel
+        chunk = max(8, min(1 << (chunk_size.bit_length() - 1), 1 << (L - 1).bit_length()))
+        return kernel(u_BLE, delta_BLE, A_EN, B_BLN, C_BLN, D_E, h0_BEN, reset_BL, chunk_size=chunk)
     elif mode == "sequential":
         keep = jnp.ones((Bsz, L), jnp.float32) if keep_BL is None else keep_BL
         y_BLE, h_BEN = _scan_sequential(h_BEN, u32_BLE, delta_BLE, A_EN, B_BLN, C_BLN, keep)
