@@ -44,15 +44,30 @@ class BlockConfig:
             raise checks.ConfigError("BlockConfig.parallel=True needs an ffn and norm_position='pre'")
 
 
+def check_blocks(owner: str, field: str, blocks: tuple, d_model: int) -> None:
+    """Every entry is a BlockConfig whose sub-layers have width d_model."""
+    for i, block in enumerate(blocks):
+        if not isinstance(block, BlockConfig):
+            checks.fail(owner, f"{field}[{i}]", "a BlockConfig", block)
+        for part in ("mixer", "ffn"):
+            sub = getattr(block, part)
+            if sub is not None and sub.d_model != d_model:
+                raise checks.ConfigError(
+                    f"{owner}.{field}[{i}].{part}.d_model={sub.d_model} differs from d_model={d_model}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A decoder: embed -> n_layers blocks (the pattern repeated) -> norm -> unembed.
+    """A decoder: embed -> prefix blocks -> the pattern repeated -> norm -> unembed.
 
     Attributes:
       vocab_size: V.
       d_model: D; every block's mixer and ffn must use it.
-      n_layers: total blocks; a multiple of len(pattern).
+      n_layers: total blocks, prefix included: len(prefix) + a positive multiple of len(pattern).
       pattern: the blocks of one repeat, e.g. (local, global) for Gemma 2.
+      prefix: blocks that run once each, in order, before the scanned repeats (DeepSeek's
+        first_k_dense layers: a dense FFN where the rest use MoE). Their parameters are not
+        stacked; empty by default.
       max_len: longest sequence (learned position table size, default cache length).
       position: absolute positions added to the embedding: "none" (RoPE/ALiBi live in the
         mixer), "learned" (GPT-2) or "sinusoidal".
@@ -72,6 +87,7 @@ class ModelConfig:
     d_model: int
     n_layers: int
     pattern: tuple[BlockConfig, ...]
+    prefix: tuple[BlockConfig, ...] = ()
     max_len: int = 2048
     position: Literal["none", "learned", "sinusoidal"] = "none"
     tie_embeddings: bool = False
@@ -90,17 +106,18 @@ class ModelConfig:
             checks.positive(name, f, getattr(self, f))
         if not isinstance(self.pattern, tuple) or not self.pattern:
             checks.fail(name, "pattern", "a non-empty tuple of BlockConfig", self.pattern)
-        if self.n_layers % len(self.pattern):
+        if not isinstance(self.prefix, tuple):
+            checks.fail(name, "prefix", "a tuple of BlockConfig", self.prefix)
+        scanned = self.n_layers - len(self.prefix)
+        if scanned < 1 or scanned % len(self.pattern):
+            if self.prefix:
+                raise checks.ConfigError(
+                    f"{name}.n_layers={self.n_layers} must be len(prefix)={len(self.prefix)} plus a positive "
+                    f"multiple of len(pattern)={len(self.pattern)}")
             raise checks.ConfigError(
                 f"{name}.n_layers={self.n_layers} must be a multiple of len(pattern)={len(self.pattern)}")
-        for i, block in enumerate(self.pattern):
-            if not isinstance(block, BlockConfig):
-                checks.fail(name, f"pattern[{i}]", "a BlockConfig", block)
-            for part in ("mixer", "ffn"):
-                sub = getattr(block, part)
-                if sub is not None and sub.d_model != self.d_model:
-                    raise checks.ConfigError(
-                        f"{name}.pattern[{i}].{part}.d_model={sub.d_model} differs from d_model={self.d_model}")
+        check_blocks(name, "pattern", self.pattern, self.d_model)
+        check_blocks(name, "prefix", self.prefix, self.d_model)
         checks.one_of(name, "position", self.position, ("none", "learned", "sinusoidal"))
         checks.one_of(name, "dtype", self.dtype, tuple(DTYPES))
         checks.one_of(name, "param_dtype", self.param_dtype, tuple(DTYPES))
@@ -110,7 +127,7 @@ class ModelConfig:
 
     @property
     def n_repeats(self) -> int:
-        return self.n_layers // len(self.pattern)
+        return (self.n_layers - len(self.prefix)) // len(self.pattern)
 
     @property
     def compute_dtype(self):

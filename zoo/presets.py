@@ -28,8 +28,24 @@ def register(name: str, builder: Callable[..., ModelConfig], **defaults) -> None
     _PRESETS[name] = (builder, defaults)
 
 
-def names() -> list[str]:
-    return sorted(_PRESETS)
+KINDS = ("decoder", "encoder", "encoder-decoder")
+
+
+def names(kind: str | None = None) -> list[str]:
+    """Preset names; `kind` keeps those of one model kind (KINDS): most tools (generation,
+    comparisons, the train command) work on decoders."""
+    if kind is None:
+        return sorted(_PRESETS)
+    if kind not in KINDS:
+        raise ValueError(f"names: kind must be one of {KINDS} or None, got {kind!r}")
+    return [n for n in sorted(_PRESETS) if kind_of(n) == kind]
+
+
+def kind_of(name: str) -> str:
+    """"decoder", "encoder" or "encoder-decoder": the kind of model the preset builds."""
+    cfg = get(name)
+    return {"ModelConfig": "decoder", "EncoderConfig": "encoder", "EncDecConfig": "encoder-decoder"}[
+        type(cfg).__name__]
 
 
 def get(name: str, **overrides) -> ModelConfig:
@@ -44,15 +60,16 @@ def get(name: str, **overrides) -> ModelConfig:
     return builder(**{**defaults, **overrides})
 
 
-def _finish(cfg_kwargs: dict, extra: dict) -> ModelConfig:
+def _finish(cfg_kwargs: dict, extra: dict, config_cls: type = ModelConfig) -> Any:
     """Apply the model-wide overrides (dtype, remat, ...) and the attention impl."""
     impl = extra.pop("impl", None)
     if impl is not None:
         # Only mixers with several implementations (attention, MLA) take the override.
-        cfg_kwargs["pattern"] = tuple(
-            dataclasses.replace(b, mixer=dataclasses.replace(b.mixer, impl=impl)) if hasattr(b.mixer, "impl") else b
-            for b in cfg_kwargs["pattern"])
-    return ModelConfig(**cfg_kwargs, **extra)
+        for field in ("pattern", "prefix"):
+            cfg_kwargs[field] = tuple(
+                dataclasses.replace(b, mixer=dataclasses.replace(b.mixer, impl=impl)) if hasattr(b.mixer, "impl")
+                else b for b in cfg_kwargs.get(field, ()))
+    return config_cls(**cfg_kwargs, **extra)
 
 
 def _attn(d_model, n_heads, n_kv_heads, head_dim=None, **kw) -> AttentionConfig:
@@ -155,18 +172,76 @@ def hybrid(*, vocab_size, d_model, n_layers, max_len, n_heads, n_kv_heads, d_ff,
 
 
 def deepseek(*, vocab_size, d_model, n_layers, max_len, n_heads, kv_lora_rank, q_lora_rank, nope_dim,
-             rope_dim, v_dim, moe: dict | None, d_ff=None, **extra) -> ModelConfig:
+             rope_dim, v_dim, moe: dict | None, d_ff=None, first_k_dense=0, **extra) -> ModelConfig:
     """DeepSeek-V2/V3: multi-head latent attention (the cache holds only the latent and a shared
-    rope key) with a mixture of experts (sigmoid routing with bias, shared experts) or an MLP."""
+    rope key) with a mixture of experts (sigmoid routing with bias, shared experts) or an MLP.
+    The first `first_k_dense` blocks use a dense SwiGLU of width d_ff instead of the MoE
+    (DeepSeek's first_k_dense_replace); they run unscanned before the scanned MoE blocks."""
     from layers.mla import MLAConfig
     norm = NormConfig(kind="rms", eps=1e-6)
     mla = MLAConfig(d_model=d_model, n_heads=n_heads, kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank,
                     qk_nope_head_dim=nope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
                     rope=RopeConfig(layout="interleaved"))
-    ffn = MoEConfig(d_model=d_model, **moe) if moe is not None else MLPConfig(d_model=d_model, d_ff=d_ff)
+    dense = None if d_ff is None else MLPConfig(d_model=d_model, d_ff=d_ff)
+    ffn = MoEConfig(d_model=d_model, **moe) if moe is not None else dense
     block = BlockConfig(mixer=mla, ffn=ffn, norm=norm)
+    prefix = (BlockConfig(mixer=mla, ffn=dense, norm=norm),) * first_k_dense
     return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
-                        max_len=max_len, final_norm=norm), extra)
+                        prefix=prefix, max_len=max_len, final_norm=norm), extra)
+
+
+def bert(*, vocab_size, d_model, n_layers, n_heads, d_ff, max_len, type_vocab_size=2, norm_eps=1e-12,
+         output="mlm", activation="gelu", **extra):
+    """BERT: bidirectional post-norm blocks (LayerNorm, biases everywhere, GELU MLP), learned
+    positions and token types, embedding LayerNorm, pooler and tied masked-LM head."""
+    from zoo.encoder import EncoderConfig
+    norm = NormConfig(kind="layer", eps=norm_eps)
+    block = BlockConfig(
+        mixer=_attn(d_model, n_heads, n_heads, rope=None, causal=False, use_bias=True, out_bias=True),
+        ffn=MLPConfig(d_model=d_model, d_ff=d_ff, activation=activation, gated=False, use_bias=True),
+        norm=norm, norm_position="post")
+    return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
+                        max_len=max_len, type_vocab_size=type_vocab_size, embed_norm=norm, mlm_norm=norm,
+                        output=output, mlm_activation=activation), extra, EncoderConfig)
+
+
+def t5(*, vocab_size, d_model, n_layers, n_heads, d_ff, max_len, head_dim=None, n_decoder_layers=None,
+       version="1.1", n_buckets=32, max_distance=128, **extra):
+    """T5: pre-norm RMSNorm (no mean, no bias), no score scaling, relative position buckets shared
+    across each stack. version "1.0": ReLU MLP, tied embeddings with logits rescaled by
+    d_model ** -0.5; "1.1": gated GELU (tanh) MLP, separate LM head. n_layers: encoder blocks
+    (the decoder has as many unless n_decoder_layers is given)."""
+    from zoo.encdec import EncDecConfig
+    if version not in ("1.0", "1.1"):
+        raise ValueError(f"t5: version must be '1.0' or '1.1', got {version!r}")
+    v10 = version == "1.0"
+    extra.setdefault("init_std", 1.0)  # T5 initialises its embeddings with std 1
+    return _finish_encdec(dict(
+        vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, head_dim=head_dim, d_ff=d_ff,
+        n_encoder_layers=n_layers, n_decoder_layers=n_decoder_layers or n_layers,
+        activation="relu" if v10 else "gelu_tanh", gated=not v10, norm=NormConfig(kind="rms", eps=1e-6),
+        position="relative", n_buckets=n_buckets, max_distance=max_distance, max_len=max_len, query_scale=1.0,
+        tie_embeddings=v10, scale_tied_logits=True, decoder_start_id=0), extra)
+
+
+def bart(*, vocab_size, d_model, n_layers, n_heads, d_ff, max_len, n_decoder_layers=None, **extra):
+    """BART: post-norm LayerNorm blocks with biases, learned positions per stack, an embedding
+    LayerNorm, GELU MLP, 1/sqrt(head_dim) scaling, tied embeddings without rescale; decoding starts
+    from </s> (id 2). n_layers: encoder blocks (the decoder has as many unless given)."""
+    return _finish_encdec(dict(
+        vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, d_ff=d_ff,
+        n_encoder_layers=n_layers, n_decoder_layers=n_decoder_layers or n_layers,
+        activation="gelu", gated=False, norm=NormConfig(kind="layer", eps=1e-5), norm_position="post",
+        final_norm=False, embed_norm=True, position="learned", max_len=max_len, query_scale=None,
+        use_bias=True, tie_embeddings=True, scale_tied_logits=False, decoder_start_id=2), extra)
+
+
+def _finish_encdec(cfg_kwargs: dict, extra: dict):
+    from zoo.encdec import EncDecConfig
+    impl = extra.pop("impl", None)
+    if impl is not None:
+        cfg_kwargs["impl"] = impl
+    return EncDecConfig(**cfg_kwargs, **extra)
 
 
 def gemma2(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_len,
@@ -225,8 +300,8 @@ register("mamba-tiny", recurrent, **{**_TINY, "n_layers": 4},
          mixer=_lazy("layers.mamba", "MambaConfig", d_state=16, expand=2, chunk_size=64))
 register("mamba2-tiny", recurrent, **{**_TINY, "n_layers": 4},
          mixer=_lazy("layers.mamba2", "Mamba2Config", d_state=16, head_dim=16, expand=2, chunk_size=64))
-register("deepseek-tiny", deepseek, **_TINY, n_heads=4, kv_lora_rank=32, q_lora_rank=48, nope_dim=16,
-         rope_dim=8, v_dim=16,
+register("deepseek-tiny", deepseek, **{**_TINY, "n_layers": 3}, n_heads=4, kv_lora_rank=32, q_lora_rank=48,
+         nope_dim=16, rope_dim=8, v_dim=16, first_k_dense=1, d_ff=128,
          moe=dict(d_ff=64, n_experts=16, top_k=4, router="sigmoid", renormalize=True, routed_scaling=2.5,
                   n_groups=4, topk_groups=2, n_shared_experts=1, load_balance_weight=0.0))
 register("mla-tiny", deepseek, **_TINY, n_heads=4, kv_lora_rank=32, q_lora_rank=None, nope_dim=16, rope_dim=8,
@@ -235,6 +310,11 @@ register("deltanet-tiny", recurrent, **_TINY, ffn=_mlp(3),
          mixer=_lazy("layers.deltanet", "DeltaNetConfig", n_heads=2, head_dim=32, gated=False))
 register("gated-deltanet-tiny", recurrent, **_TINY, ffn=_mlp(3),
          mixer=_lazy("layers.deltanet", "DeltaNetConfig", n_heads=2, head_dim=32, gated=True))
+register("bert-tiny", bert, **{**_TINY, "max_len": 128}, n_heads=4, d_ff=256, output="mlm")
+
+register("t5-tiny", t5, **_TINY, n_heads=4, d_ff=128, version="1.0", n_buckets=8, max_distance=20)
+register("t5v1.1-tiny", t5, **_TINY, n_heads=4, d_ff=96, version="1.1", n_buckets=8, max_distance=20)
+register("bart-tiny", bart, **{**_TINY, "max_len": 128}, n_heads=4, d_ff=128)
 
 # Published shapes (for AOT compile and memory reports; too large to train on a CPU).
 register("gpt2-small", gpt2, vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=1024)
@@ -242,5 +322,9 @@ register("llama3-8b", llama, vocab_size=128256, d_model=4096, n_layers=32, n_hea
          d_ff=14336, max_len=8192, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0)
 register("mistral-7b", llama, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
          d_ff=14336, max_len=32768, sliding_window=4096)
+register("bert-base", bert, vocab_size=30522, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=512)
+register("t5-base", t5, vocab_size=32128, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_len=512,
+         version="1.0")
+register("bart-base", bart, vocab_size=50265, d_model=768, n_layers=6, n_heads=12, d_ff=3072, max_len=1024)
 register("gemma2-2b", gemma2, vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4,
          head_dim=256, d_ff=9216, max_len=8192, sliding_window=4096, query_pre_attn_scalar=256)

@@ -41,3 +41,22 @@ def test_train_custom_hybrid_runs_and_learns(capsys):
     assert len(history) == 12 and np.isfinite(history).all()
     assert np.mean(history[-3:]) < history[0]
     assert "val bits/byte" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # trains an MoE model for a few steps (compiles its train step)
+def test_train_moe_prints_an_expert_load_table(capsys):
+    ex = _load("train_moe")
+    history, rows = ex.main("switch-tiny", steps=8, n_layers=2)
+    assert len(history) == 8 and np.isfinite(history).all()
+    assert [r["layer"] for r in rows] == [0, 1]
+    for row in rows:  # top-1 routing: every one of the 8 * 64 tokens is assigned once
+        assert row["tokens_per_expert"].shape == (8,) and int(row["tokens_per_expert"].sum()) == 8 * 64
+        assert 0.0 <= row["drop_fraction"] < 1.0
+    out = capsys.readouterr().out
+    assert "expert load of switch-tiny" in out and "dropped" in out
+    # DeepSeek's dense first layer (prefix) has no router: only the MoE layers are listed.
+    cfg = zoo.presets.get("deepseek-tiny")
+    params = zoo.init(jax.random.key(0), cfg)
+    rows = ex.expert_load(params, cfg, jnp.zeros((1, 8), jnp.int32))
+    assert [r["layer"] for r in rows] == [1, 2]
+    assert all(int(r["tokens_per_expert"].sum()) == 8 * 4 for r in rows)  # top-4 of 16

@@ -13,7 +13,7 @@ from layers.checks import ConfigError
 
 # Every CPU-sized preset; switch-tiny's capacity dispatch may drop tokens in forward but never
 # in a one-token step, so it has its own test below.
-TINY = [n for n in zoo.presets.names() if n.endswith("-tiny") and n != "switch-tiny"]
+TINY = [n for n in zoo.presets.names("decoder") if n.endswith("-tiny") and n != "switch-tiny"]
 B, L = 2, 24  # longer than the tiny presets' sliding window (16)
 
 
@@ -116,7 +116,7 @@ def test_causality_gradient_through_the_block_stack(name):
     t = 9
 
     def out_t(x):
-        y, _, _ = zoo.model._run_blocks(params["blocks"], x, cfg, None, pos_BL, None)
+        y, _, _ = zoo.model.run_blocks(params["blocks"], x, cfg, None, pos_BL, None)
         return jnp.sum(y[:, t])
 
     g = np.asarray(jax.grad(out_t)(x_BLD))
@@ -241,3 +241,103 @@ def test_every_preset_trains(name):
 def test_impl_override_reaches_only_mixers_that_have_one():
     cfg = zoo.presets.get("hybrid-tiny", impl="reference")
     assert [getattr(b.mixer, "impl", None) for b in cfg.pattern] == [None, None, "reference", None]
+
+
+# ------------------------------------------------------------------ prefix blocks (first_k_dense)
+
+
+def test_first_k_dense_preset_structure():
+    """deepseek-tiny: one dense-FFN block (unscanned prefix), then two scanned MoE blocks
+    (forward == step for it runs in test_forward_equals_step_by_step_and_is_causal)."""
+    from layers import params as P
+    cfg = zoo.presets.get("deepseek-tiny")
+    assert len(cfg.prefix) == 1 and cfg.n_layers == 3 and cfg.n_repeats == 2
+    assert type(cfg.prefix[0].ffn).__name__ == "MLPConfig" and type(cfg.pattern[0].ffn).__name__ == "MoEConfig"
+    specs = zoo.param_specs(cfg)
+    assert specs["prefix"][0]["ffn"]["up"]["w"].shape == (cfg.d_model, 128)  # dense, not stacked
+    assert specs["blocks"][0]["ffn"]["experts"]["up_EDF"].shape[0] == 2  # stacked over repeats
+    assert all("layers" not in s.logical_axes for s in jax.tree.leaves(specs["prefix"], is_leaf=P.is_spec))
+    state = jax.eval_shape(lambda: zoo.init_state(cfg, B, 16))
+    assert state["prefix"][0]["mixer"].keys() == state["blocks"][0]["mixer"].keys()
+    # Sharding rules place prefix parameters like any other (no layers axis to skip).
+    from sharding import rules
+    mesh = rules.make_mesh({"fsdp": -1})
+    shard = rules.param_shardings(specs, mesh, rules.PRESETS["fsdp"])
+    assert shard["prefix"][0]["ffn"]["up"]["w"].spec[0] == "fsdp"
+
+
+def _prefixed_cfg(**kw):
+    """An attention + MoE prefix block before scanned minGRU blocks (which keep no KV cache)."""
+    from layers.attention import AttentionConfig
+    from layers.mingru import MinGRUConfig
+    from layers.mlp import MLPConfig
+    from layers.moe import MoEConfig
+    D = 32
+    moe = MoEConfig(d_model=D, d_ff=32, n_experts=4, top_k=2, load_balance_weight=0.1, router_z_weight=0.01)
+    first = zoo.BlockConfig(mixer=AttentionConfig(d_model=D, n_heads=2), ffn=moe)
+    rest = zoo.BlockConfig(mixer=MinGRUConfig(d_model=D, expand=1.0, conv_width=None, chunk_size=None),
+                           ffn=MLPConfig(d_model=D, d_ff=48))
+    return zoo.ModelConfig(vocab_size=64, d_model=D, n_layers=3, prefix=(first,), pattern=(rest,), max_len=32, **kw)
+
+
+@pytest.mark.slow  # one more compile of the model; forward == step runs by default below
+def test_prefix_model_equals_manual_composition():
+    from layers import embed, norms
+    from zoo import blocks
+    cfg = _prefixed_cfg()
+    params = _scaled_params(cfg, seed=8, scale=2.0)
+    tokens = _tokens(cfg, seed=8, shape=(B, 10))
+    logits = zoo.forward(params, tokens, cfg=cfg)
+    pos = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (B, 10))
+
+    @jax.jit
+    def manual(params):
+        x = embed.embed(params["embed"], tokens)
+        x, _, _ = blocks.forward(params["prefix"][0], x, cfg=cfg.prefix[0], positions=pos)
+        for i in range(cfg.n_repeats):
+            x, _, _ = blocks.forward(jax.tree.map(lambda a: a[i], params["blocks"][0]), x, cfg=cfg.pattern[0],
+                                     positions=pos)
+        return embed.unembed(params["embed"], norms.forward(params["final_norm"], x, cfg=cfg.final_norm))
+
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(manual(params)), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_decodes_like_forward_and_its_cache_and_aux_are_seen():
+    cfg = _prefixed_cfg()
+    params = _scaled_params(cfg, seed=8, scale=2.0)
+    tokens = _tokens(cfg, seed=8, shape=(B, 10))
+    logits, aux = zoo.forward(params, tokens, cfg=cfg, return_aux=True)
+    state = zoo.init_state(cfg, B, 10)
+    stepped = []
+    for t in range(10):
+        lt, state = zoo.step(params, tokens[:, t], state, cfg=cfg)
+        stepped.append(lt)
+    np.testing.assert_allclose(np.stack(stepped, 1), np.asarray(logits), rtol=2e-4, atol=2e-4)
+    # The only KV cache lives in the prefix: the room check must find it there.
+    with pytest.raises(ValueError, match="max_len"):
+        zoo.step(params, tokens[:, 0], state, cfg=cfg)
+    # aux_loss includes the prefix's MoE losses.
+    moe_aux = aux["prefix"][0]["ffn"]
+    want = 0.1 * moe_aux["load_balance_loss"] + 0.01 * moe_aux["router_z_loss"]
+    assert float(want) > 0
+    np.testing.assert_allclose(float(zoo.model.aux_loss(cfg, aux)), float(want), rtol=1e-6)
+    # Beam search reorders prefix states along their batch axis (0: not stacked over layers).
+    from zoo import beam
+    axes = beam.state_batch_axes(state)
+    assert set(jax.tree.leaves(axes["prefix"])) == {0}
+
+
+def test_prefix_config_validation():
+    with pytest.raises(ConfigError, match=r"n_layers=1 must be len\(prefix\)=1 plus a positive multiple"):
+        dataclasses.replace(_prefixed_cfg(), n_layers=1)
+    with pytest.raises(ConfigError, match=r"prefix\[0\].mixer.d_model"):
+        cfg = zoo.presets.get("deepseek-tiny")
+        dataclasses.replace(cfg, prefix=(zoo.presets.get("llama-tiny", d_model=32).pattern[0],))
+    assert zoo.presets.get("deepseek-tiny", first_k_dense=0, n_layers=2).prefix == ()
+
+
+def test_model_api_dispatches_on_the_config_type():
+    with pytest.raises(TypeError, match=r"cfg: expected a zoo model config \(EncDecConfig, EncoderConfig, ModelConfig"):
+        zoo.param_specs({"d_model": 64})
+    assert zoo.presets.kind_of("llama-tiny") == "decoder"
+    assert set(zoo.presets.names()) == set().union(*(zoo.presets.names(k) for k in zoo.presets.KINDS))
