@@ -71,6 +71,10 @@ class MoEConfig:
     load_balance_weight: coefficient the model puts on aux["load_balance_loss"] (Switch 1e-2).
     router_z_weight: coefficient the model puts on aux["router_z_loss"] (ST-MoE 1e-3).
     router_bias_rate: step size of `update_router_bias` (sigmoid router; DeepSeek-V3 1e-3).
+    expert_parallel_axis: name of a mesh axis to split the experts over (expert parallelism:
+      tokens travel to their experts' devices by all_to_all, sharding/expert_parallel.py). Takes
+      effect inside `sharding.use_rules(mesh, rules)` when the mesh has that axis with size > 1
+      and it divides n_experts and the token count; otherwise the dispatch runs as without it.
     """
 
     d_model: int
@@ -90,6 +94,7 @@ class MoEConfig:
     load_balance_weight: float = 0.01
     router_z_weight: float = 0.0
     router_bias_rate: float = 1e-3
+    expert_parallel_axis: str | None = None
 
     def __post_init__(self):
         own = "MoEConfig"
@@ -119,6 +124,9 @@ class MoEConfig:
             checks.fail(own, "capacity_factor", "> 0", self.capacity_factor)
         if not self.routed_scaling > 0:
             checks.fail(own, "routed_scaling", "> 0", self.routed_scaling)
+        if self.expert_parallel_axis is not None and not (
+                isinstance(self.expert_parallel_axis, str) and self.expert_parallel_axis):
+            checks.fail(own, "expert_parallel_axis", "None or a mesh axis name", self.expert_parallel_axis)
 
     def shared_mlp(self) -> mlp.MLPConfig:
         """The shared experts as one MLP (concatenating n gated MLPs along F is one wider MLP)."""
@@ -279,6 +287,35 @@ def _capacity_slots(experts_TK, n_experts: int):
     return slot_KT.T
 
 
+def expert_mlps(experts: dict, x_ECD: "Float[Array, 'E C D']", cfg: MoEConfig) -> "Float[Array, 'E C D']":
+    """Expert e's MLP on buffer row e (fp32 out): the capacity layout, also run per device by
+    expert parallelism on its own experts' rows."""
+    dt = x_ECD.dtype
+    up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, experts["up_EDF"].astype(dt),
+                        preferred_element_type=jnp.float32)
+    gate_ECF = (jnp.einsum("ECD,EDF->ECF", x_ECD, experts["gate_EDF"].astype(dt),
+                           preferred_element_type=jnp.float32) if cfg.gated else None)
+    h_ECF = _activate(gate_ECF, up_ECF, cfg, dt)
+    return jnp.einsum("ECF,EFD->ECD", h_ECF, experts["down_EFD"].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+def _expert_parallel_mesh(cfg: MoEConfig, n_tokens: int):
+    """(mesh, rules) when expert parallelism applies to this call, else None."""
+    axis = cfg.expert_parallel_axis
+    if axis is None:
+        return None
+    from sharding import context  # layers reach sharding only for collectives (see DESIGN.md)
+
+    active = context.active()
+    if active is None:
+        return None
+    size = active[0].shape.get(axis, 1)
+    if size < 2 or cfg.n_experts % size or n_tokens % size:
+        return None
+    return active
+
+
 def _experts_capacity(experts: dict, x_TD, experts_TK, cfg: MoEConfig):
     """Expert outputs [T, K, D] fp32 with assignments beyond capacity zeroed; and the kept mask."""
     T, D = x_TD.shape
@@ -291,13 +328,7 @@ def _experts_capacity(experts: dict, x_TD, experts_TK, cfg: MoEConfig):
     slot_TK = jnp.where(keep_TK, slot_TK, C)
     x_TKD = jnp.broadcast_to(x_TD[:, None, :], (T, K, D))
     x_ECD = jnp.zeros((E, C, D), dt).at[experts_TK, slot_TK].set(x_TKD, mode="drop")
-    up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, experts["up_EDF"].astype(dt),
-                        preferred_element_type=jnp.float32)
-    gate_ECF = (jnp.einsum("ECD,EDF->ECF", x_ECD, experts["gate_EDF"].astype(dt),
-                           preferred_element_type=jnp.float32) if cfg.gated else None)
-    h_ECF = _activate(gate_ECF, up_ECF, cfg, dt)
-    y_ECD = jnp.einsum("ECF,EFD->ECD", h_ECF, experts["down_EFD"].astype(dt),
-                       preferred_element_type=jnp.float32)
+    y_ECD = expert_mlps(experts, x_ECD, cfg)
     y_TKD = y_ECD.at[experts_TK, slot_TK].get(mode="fill", fill_value=0.0)
     return jnp.where(keep_TK[:, :, None], y_TKD, 0.0), keep_TK
 
@@ -326,7 +357,16 @@ def apply(params: dict, x_BLD: "Float[Array, '... D']", cfg: MoEConfig, *,
     lead = x_BLD.shape[:-1]
     x_TD = x_BLD.reshape(-1, cfg.d_model)
     weights_TK, experts_TK, probs_TE, logits_TE = route(params, x_TD, cfg)
-    if dispatch == "dropless":
+    ep = _expert_parallel_mesh(cfg, x_TD.shape[0])
+    if ep is not None:
+        from sharding import expert_parallel
+
+        y_TKD, keep_TK = expert_parallel.expert_outputs(params["experts"], x_TD, experts_TK, cfg, mesh=ep[0],
+                                                        axis=cfg.expert_parallel_axis, rules=ep[1],
+                                                        dispatch=dispatch)
+        sizes_E = tokens_per_expert(experts_TK, cfg.n_experts)
+        drop_fraction = jnp.sum(~keep_TK).astype(jnp.float32) / keep_TK.size
+    elif dispatch == "dropless":
         y_TKD, sizes_E = _experts_dropless(params["experts"], x_TD, experts_TK, cfg)
         drop_fraction = jnp.zeros((), jnp.float32)
     else:
