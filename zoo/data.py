@@ -186,7 +186,14 @@ class SeededSampler(abc.ABC):
         """Number of batches drawn so far (the index of the next batch)."""
         return self._step
 
-    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def seek(self, step: int) -> "SeededSampler":
+        """Continue from batch `step` (a resumed run); returns self."""
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{type(self).__name__}.seek: step: expected a non-negative integer, got {step!r}")
+        self._step = int(step)
+        return self
+
+    def batch(self, index: int) -> Any:
         return self._draw(np.random.default_rng((self.seed, int(index))))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -331,6 +331,11 @@ _GENERATORS = {
 }
 
 
+#: Task names for the command line (`zoo train --task NAME`) -> config class.
+TASKS = {"mqar": MQARConfig, "selective_copy": SelectiveCopyConfig, "induction": InductionConfig,
+         "passkey": PasskeyConfig}
+
+
 def batch(cfg: Any, batch_size: int, rng: np.random.Generator
           ) -> tuple["Int[np.ndarray, 'B L']", "Int[np.ndarray, 'B L']"]:
     """(inputs_BL, targets_BL) int32 for any task config; targets are IGNORE where unscored."""

@@ -257,3 +257,45 @@ def test_exact_resume(tmp_path, model):
         resumed.append(float(m["loss"]))
     assert resumed == losses[half:]
     _assert_identical(jax.tree.map(np.asarray, params), ref_params)
+
+
+_KILL_MID_SAVE = r"""
+import os, signal, sys
+import jax.numpy as jnp
+from zoo import checkpoint as ck
+
+c = ck.Checkpointer(sys.argv[1], keep_last=5)
+c.save(1, params={"w": jnp.full((8,), 1.0)}, opt_state=(jnp.int32(1),), extra={"n": 1})
+c.wait()
+# Step 2 is big enough (64 MiB) that its background write cannot finish before the kill below.
+big = {f"w{i}": jnp.full((1 << 20,), float(i)) for i in range(16)}
+c.save(2, params=big, opt_state=(jnp.int32(2),), extra={"n": 2})
+print("saving", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_step_loadable(tmp_path):
+    """A real process SIGKILLed while orbax writes step 2: step 1 restores intact, the partial
+    step is never listed, and the directory takes new saves afterwards."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.run([sys.executable, "-c", _KILL_MID_SAVE, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "saving" in proc.stdout
+    leftovers = [n for n in os.listdir(tmp_path) if n not in ("1",)]
+    assert leftovers and all(n.startswith("2.") for n in leftovers), os.listdir(tmp_path)  # killed mid-save
+
+    c = ck.Checkpointer(tmp_path)
+    assert c.all_steps() == [1]
+    target = ({"w": jax.ShapeDtypeStruct((8,), jnp.float32)}, (jax.ShapeDtypeStruct((), jnp.int32),))
+    params, opt_state, extra = c.restore(params_target=target[0], opt_state_target=target[1])
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.ones(8, np.float32))
+    assert int(opt_state[0]) == 1 and extra == {"n": 1}
+    c.save(2, params={"w": jnp.full((8,), 2.0)}, opt_state=(jnp.int32(2),))
+    c.close()
+    assert ck.Checkpointer(tmp_path).all_steps() == [1, 2]
