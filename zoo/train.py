@@ -504,6 +504,8 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
         raise ValueError("train: resume=True needs checkpoint_dir")
     ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir, keep_last=keep_last)
     p_shard, place, rules_ctx = _placement(mesh, rules, cfg)
+    if p_shard is not None:
+        import sharding
 
     optimizer, step_fn = train_step_for(cfg, tcfg)
     start, history = 0, []
@@ -514,6 +516,10 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
                                          params_target, p_shard)
         with _optax_promotion():
             opt_target = jax.eval_shape(optimizer.init, params_target)
+        if p_shard is not None:
+            opt_shard = sharding.like_params_shardings(opt_target, p_shard, mesh)
+            opt_target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+                                      opt_target, opt_shard)
         params, opt_state, extra = ckpt.restore(params_target=params_target, opt_state_target=opt_target)
         saved = extra.get("train_config", {})
         changed = {k: (saved[k], v) for k, v in dataclasses.asdict(tcfg).items() if k in saved and saved[k] != v}
@@ -524,14 +530,21 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
         history = list(extra.get("history", []))
         print_fn(f"resumed from {checkpoint_dir} at step {start}")
     else:
-        if params is None:
+        if params is None and p_shard is not None:
+            # Each device computes only its own shards: no device ever holds the whole model.
+            params = sharding.init_sharded(jax.random.key(tcfg.seed), zoo.param_specs(cfg), mesh, rules or "dp")
+        elif params is None:
             params = zoo.init(jax.random.key(tcfg.seed), cfg)
         else:
             params = jax.tree.map(jnp.array, params)  # a private copy: the step donates its input
+            if p_shard is not None:
+                params = jax.device_put(params, p_shard)
         if p_shard is not None:
-            params = jax.device_put(params, p_shard)
-        with _optax_promotion():
-            opt_state = jax.jit(optimizer.init)(params)
+            # Moments placed like their params from the start, so step 2 does not recompile.
+            opt_state = sharding.init_optimizer_sharded(optimizer, params, p_shard, mesh)
+        else:
+            with _optax_promotion():
+                opt_state = jax.jit(optimizer.init)(params)
     sampler = make_sampler(start)
 
     def save(step: int, loss: float) -> None:
