@@ -1,10 +1,14 @@
-"""Compile time against depth: scanned layers should compile in near-constant time.
+"""Compile time against depth, scanned and unrolled, for every preset (or the ones named).
 
-    python benchmarks/compile_depth.py --preset llama-tiny --depths 4 16
+    python benchmarks/compile_depth.py                          # every preset, 2 and 8 repeats
+    python benchmarks/compile_depth.py --presets llama-tiny --repeats 4 16 --part train
 
-For each depth, lowers and compiles the gradient of the LM loss (what a train step compiles)
-with scan_layers=True and False, and prints seconds and the ratio to the shallowest depth.
-Ratios, not absolute times, are what carries between machines.
+For each preset, lowers and compiles one program (default `grad`: value and gradient of the LM
+loss, what a train step compiles besides the optimizer; `train`: the whole AdamW step;
+`forward`) at depths of `--repeats` repeats of its block pattern (plus its prefix blocks), with
+scan_layers True and False, on abstract shapes (nothing allocated), and prints seconds and the
+ratio of the deepest to the shallowest depth. Every compilation is cold (a fresh function, the
+persistent cache off). Ratios, not absolute times, are what carries between machines.
 """
 
 from __future__ import annotations
@@ -12,53 +16,76 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
 import zoo
 from layers import params as P
+from zoo import cost_report, train
 
 
-def compile_seconds(cfg, batch: int, seq_len: int) -> float:
-    abstract_params = P.abstract(zoo.param_specs(cfg))
-    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+def _grad_seconds(cfg, batch: int, seq_len: int) -> float:
+    params = P.abstract(zoo.param_specs(cfg))
+    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
 
-    def loss(params, tokens_BL):
-        logits = zoo.model._forward(params, tokens_BL, cfg)[0]
-        logz = jax.nn.logsumexp(logits[:, :-1], axis=-1)
-        gold = jnp.take_along_axis(logits[:, :-1], tokens_BL[:, 1:, None], axis=-1)[..., 0]
-        return jnp.mean(logz - gold)
+    def loss(p, t):
+        return train.loss_fn(p, t[:, :-1], t[:, 1:], cfg)
 
-    start = time.perf_counter()
-    jax.jit(jax.value_and_grad(loss)).lower(abstract_params, tokens).compile()
-    return time.perf_counter() - start
+    _, _, lower_s, compile_s = cost_report.lower_and_compile(jax.jit(jax.value_and_grad(loss)), (params, tokens))
+    return lower_s + compile_s
+
+
+def compile_seconds(cfg, part: str, batch: int, seq_len: int) -> float:
+    if part == "grad":
+        return _grad_seconds(cfg, batch, seq_len)
+    rcfg = cost_report.ReportConfig(batch_size=batch, seq_len=seq_len, parts=(part,))
+    return cost_report.compile_seconds(cfg, rcfg, part)
+
+
+def depth(cfg, repeats: int) -> int:
+    return len(getattr(cfg, "prefix", ())) + repeats * len(cfg.pattern)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="llama-tiny")
-    parser.add_argument("--depths", type=int, nargs="+", default=[4, 16])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--presets", nargs="+", default=None, help="default: every decoder preset")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[2, 8], help="pattern repeats per depth")
+    parser.add_argument("--part", choices=("grad", "train", "forward"), default="grad")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=32)
     args = parser.parse_args(argv)
-    base = zoo.presets.get(args.preset)
+    names = args.presets or zoo.presets.names()
     # The first compilation in a process pays one-off start-up costs: do it before timing.
-    compile_seconds(zoo.presets.get(args.preset, n_layers=args.depths[0]), args.batch, args.seq_len)
+    compile_seconds(zoo.presets.get("llama-tiny", n_layers=1), args.part, args.batch, args.seq_len)
+    print(f"{args.part} compile seconds; batch {args.batch} x {args.seq_len}; jax {jax.__version__} "
+          f"on {jax.default_backend()}")
+    print(f"{'preset':<24}{'layers':>12}{'scanned s':>20}{'ratio':>7}{'unrolled s':>20}{'ratio':>7}", flush=True)
     rows = []
-    for scan in (True, False):
-        for depth in args.depths:
-            cfg = dataclasses.replace(zoo.presets.get(args.preset, n_layers=depth), scan_layers=scan)
-            rows.append({"preset": args.preset, "scan_layers": scan, "n_layers": depth,
-                         "compile_s": round(compile_seconds(cfg, args.batch, args.seq_len), 3)})
-    for scan in (True, False):
-        mine = [r for r in rows if r["scan_layers"] == scan]
-        for r in mine:
-            r["ratio_to_shallowest"] = round(r["compile_s"] / mine[0]["compile_s"], 2)
-    print(f"{'scan':>5} {'layers':>6} {'compile s':>10} {'ratio':>6}   ({base.d_model=}, backend {jax.default_backend()})")
-    for r in rows:
-        print(f"{str(r['scan_layers']):>5} {r['n_layers']:>6} {r['compile_s']:>10.2f} {r['ratio_to_shallowest']:>6.2f}")
+    for name in names:
+        base = zoo.presets.get(name)
+        if not isinstance(base, zoo.ModelConfig):
+            print(f"{name:<24}skipped: {type(base).__name__} is not a decoder ModelConfig (no n_layers scan to sweep)")
+            continue
+        mine = []
+        for scan in (True, False):
+            for r in args.repeats:
+                cfg = dataclasses.replace(base, n_layers=depth(base, r), scan_layers=scan,
+                                          max_len=max(base.max_len, args.seq_len + 1))
+                s = compile_seconds(cfg, args.part, args.batch, args.seq_len)
+                mine.append({"preset": name, "part": args.part, "scan_layers": scan, "n_layers": cfg.n_layers,
+                             "repeats": r, "compile_s": round(s, 3)})
+        for scan in (True, False):
+            sel = [m for m in mine if m["scan_layers"] == scan]
+            for m in sel:
+                m["ratio_to_shallowest"] = round(m["compile_s"] / sel[0]["compile_s"], 2)
+        sc = [m for m in mine if m["scan_layers"]]
+        un = [m for m in mine if not m["scan_layers"]]
+        layers = f"{sc[0]['n_layers']}->{sc[-1]['n_layers']}"
+        print(f"{name:<24}{layers:>12}{sc[0]['compile_s']:>9.2f} ->{sc[-1]['compile_s']:>7.2f}"
+              f"{sc[-1]['ratio_to_shallowest']:>9.2f}{un[0]['compile_s']:>9.2f} ->{un[-1]['compile_s']:>7.2f}"
+              f"{un[-1]['ratio_to_shallowest']:>9.2f}", flush=True)
+        rows.extend(mine)
     print(json.dumps(rows))
     return rows
 
