@@ -1,0 +1,213 @@
+"""Train and measure every family on every task under one budget; return results.json's dict.
+
+One budget for all: the same parameter target (non-embedding, solved per family), the same
+seed (initialisation and batches), the same steps, batch and learning-rate sweep. For each
+(family, task) the sweep trains all learning rates at once (`sweep.train_sweep`) and reports
+the best member on held-out data, as Zoology does.
+
+Per family the speed and memory numbers come from the reference task (language modelling when
+it is selected, else the first task): `compile_s` and `step_s` are those of the whole sweep step
+(R members), `tokens_per_s` counts the tokens of all members, `mfu` is analytic training FLOP/s
+over the fp32 matmul peak measured at the start of the run, and `peak_bytes` is XLA's plan for
+that compiled sweep step (params, gradients and AdamW moments of all R members, activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import zoo
+from zoo.compare import families as F
+from zoo.compare import measure, sweep
+from zoo.compare import tasks as T
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Budget:
+    """Attributes:
+    target_params: non-embedding parameters every family is sized to.
+    steps, batch_size: optimizer steps and sequences per step (per sweep member).
+    lrs: the learning-rate sweep (peak of warmup + cosine; AdamW, weight decay 0.1).
+    warmup_fraction: warmup steps as a fraction of steps.
+    eval_batches, eval_batch_size: held-out batches scored per task.
+    decode_contexts: cache lengths at which decoding is timed and its state measured.
+    """
+
+    target_params: int
+    steps: int
+    batch_size: int
+    lrs: tuple[float, ...]
+    warmup_fraction: float = 0.1
+    eval_batches: int = 2
+    eval_batch_size: int = 128
+    decode_contexts: tuple[int, ...] = (1024, 4096, 16384)
+
+
+BUDGETS = {
+    "quick": Budget(target_params=20_000, steps=60, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=1,
+                    decode_contexts=(256, 1024)),
+    "default": Budget(target_params=30_000, steps=150, batch_size=16, lrs=(3e-3, 1e-2)),
+    "full": Budget(target_params=1_000_000, steps=5000, batch_size=64,
+                   lrs=tuple(float(x) for x in np.logspace(-4, -2, 4)), eval_batches=8,
+                   decode_contexts=(1024, 4096, 16384, 65536)),
+}
+
+
+class Progress:
+    """One status line on stderr (rewritten in place on a terminal, a line per update otherwise)."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def show(self, what: str, final: bool = False, transient: bool = False) -> None:
+        """Rewrite the status line; `transient` updates (steps within a task) only on a terminal."""
+        if not self.enabled or (transient and not self.tty):
+            return
+        elapsed = time.perf_counter() - self.t0
+        frac = self.done / max(self.total, 1)
+        eta = f", ~{elapsed / frac * (1 - frac):.0f}s left" if 0 < frac < 1 else ""
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        line = f"[{bar}] {self.done}/{self.total} {what} ({elapsed:.0f}s{eta})"
+        if self.tty:
+            self.stream.write("\r" + line[:120].ljust(120) + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _best(task: T.Task, values_R: np.ndarray) -> int:
+    vals = np.where(np.isfinite(values_R), values_R, -np.inf if task.higher_is_better else np.inf)
+    return int(np.argmax(vals) if task.higher_is_better else np.argmin(vals))
+
+
+def _curve(losses_S: np.ndarray, points: int = 100) -> list[float]:
+    """The loss curve averaged into at most `points` buckets (JSON-friendly floats; NaN -> None)."""
+    buckets = np.array_split(losses_S, min(points, len(losses_S)))
+    return [None if not np.isfinite(b).all() else float(np.mean(b)) for b in buckets]
+
+
+def run_task(sized: F.Sized, task: T.Task, budget: Budget, seed: int,
+             on_step: Callable[[int], Any] | None = None) -> tuple[dict, sweep.SweepResult, Any]:
+    fam = F.get(sized.family)
+    cfg = fam.config(vocab_size=task.vocab_size, max_len=task.seq_len, d_model=sized.d_model, d_ff=sized.d_ff)
+    res = sweep.train_sweep(cfg, budget.lrs, T.train_batches(task, budget.batch_size, seed),
+                            steps=budget.steps,
+                            warmup_steps=min(budget.steps - 1, max(1, int(budget.warmup_fraction * budget.steps))),
+                            seed=seed, on_step=on_step)
+    held_out = T.eval_batches(task, budget.eval_batch_size, budget.eval_batches, seed)
+    if task.metric == "accuracy":
+        values_R = sweep.accuracy_R(res.params, cfg, held_out)
+    else:
+        values_R = sweep.bits_per_token_R(res.params, cfg, held_out)
+    best = _best(task, values_R)
+    entry = {
+        "metric": task.metric,
+        "value": float(values_R[best]),
+        "lr": res.lrs[best],
+        "sweep": {f"{lr:.3g}": float(v) for lr, v in zip(res.lrs, values_R)},
+        "steps": budget.steps,
+        "tokens": budget.steps * budget.batch_size * task.seq_len,
+        "loss_curve": _curve(res.losses_RS[best]),
+    }
+    return entry, res, cfg
+
+
+def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_flops: float,
+               progress: Progress | None = None) -> dict:
+    ref = next((t for t in tasks if t.name == "lm"), tasks[0])
+    sized = F.solve(name, budget.target_params, vocab_size=ref.vocab_size, max_len=ref.seq_len)
+    out: dict[str, Any] = {
+        "params": sized.params, "non_embedding_params": sized.non_embedding_params,
+        "target_params": sized.target, "d_model": sized.d_model, "d_ff": sized.d_ff,
+        "description": F.get(name).description, "tasks": {},
+    }
+    ref_result = ref_cfg = ref_params = None
+    for task in tasks:
+        label = f"{name} {task.name}"
+
+        def tick(s, label=label):
+            if progress is not None and (s + 1) % max(1, budget.steps // 10) == 0:
+                progress.show(f"{label} step {s + 1}/{budget.steps}", transient=True)
+
+        entry, res, cfg = run_task(sized, task, budget, seed, tick)
+        out["tasks"][task.name] = entry
+        if task is ref:
+            ref_result, ref_cfg = res, cfg
+            ref_params = _member(res.params, _best(task, np.asarray(
+                [entry["sweep"][f"{lr:.3g}"] for lr in res.lrs])))
+        if progress is not None:
+            progress.done += 1
+            progress.show(f"{label}: {task.metric} {entry['value']:.3f}")
+
+    R, B, L = len(budget.lrs), budget.batch_size, ref.seq_len
+    flops = measure.analytic_flops_per_token(ref_cfg, L)
+    out["flops_per_token"] = flops
+    out["xla_flops_per_token"] = measure.xla_flops_per_token(ref_cfg, B, L)
+    out["compile_s"] = ref_result.compile_s
+    out["step_s"] = ref_result.step_s
+    out["tokens_per_s"] = R * B * L / ref_result.step_s
+    out["mfu"] = flops * out["tokens_per_s"] / peak_flops
+    out["peak_bytes"] = ref_result.peak_bytes
+    out["reference_task"] = ref.name
+    out["decode"] = {}
+    for ctx in budget.decode_contexts:
+        out["decode"][str(ctx)] = {"s_per_token": measure.decode_seconds_per_token(ref_cfg, ref_params, ctx),
+                                   "state_bytes": measure.state_bytes(ref_cfg, ctx)}
+        if progress is not None:
+            progress.show(f"{name} decode at context {ctx}", transient=True)
+    return out
+
+
+def _member(params_R: Any, r: int) -> Any:
+    import jax
+    return jax.tree.map(lambda a: a[r], params_R)
+
+
+def meta(*, budget: Budget, mode: str, seed: int, command: str, peak_flops: float,
+         family_names: list[str], task_list: list[T.Task]) -> dict:
+    import os
+    import platform
+
+    import jax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "schema_version": 1,
+        "command": command,
+        "mode": mode,
+        "seed": seed,
+        "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(),
+                   "cpu_count": os.cpu_count(), "machine": platform.machine()},
+        "versions": {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
+                     "optax": optax.__version__},
+        "matmul_peak_flops": peak_flops,
+        "budget": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(budget).items()},
+        "families": family_names,
+        "tasks": {t.name: {"metric": t.metric, "vocab_size": t.vocab_size, "seq_len": t.seq_len,
+                           "source": None if t.source is None else repr(t.source)} for t in task_list},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run(family_names: list[str], task_list: list[T.Task], budget: Budget, *, seed: int = 0, mode: str = "default",
+        command: str = "", show_progress: bool = True) -> dict:
+    """Every family on every task; returns the results dict (see docs/compare.md for the schema)."""
+    t0 = time.perf_counter()
+    peak = measure.matmul_peak_flops()
+    progress = Progress(len(family_names) * len(task_list), enabled=show_progress)
+    results = {"meta": meta(budget=budget, mode=mode, seed=seed, command=command, peak_flops=peak,
+                            family_names=family_names, task_list=task_list), "families": {}}
+    for name in family_names:
+        results["families"][name] = run_family(name, task_list, budget, seed, peak, progress)
+    results["meta"]["wall_s"] = time.perf_counter() - t0
+    progress.show("done", final=True)
+    return results
