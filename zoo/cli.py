@@ -43,11 +43,15 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def model_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+def model_config(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str | None = "decoder"):
+    """The preset named by --preset with the model overrides applied; `kind` restricts the
+    presets to one model kind (zoo.presets.KINDS), None accepts every preset."""
     import zoo
 
-    if args.preset not in zoo.presets.names():
-        parser.error(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(zoo.presets.names())}")
+    allowed = zoo.presets.names(kind)
+    if args.preset not in allowed:
+        what = "unknown preset" if args.preset not in zoo.presets.names() else f"not a {kind} preset:"
+        parser.error(f"--preset: {what} {args.preset!r}; choose from {', '.join(allowed)}")
     overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
     try:
         return zoo.presets.get(args.preset, **overrides)

@@ -94,7 +94,7 @@ def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if args.mesh is not None:
         _simulate_devices(math.prod(s for _, s in args.mesh))
-    cfg = model_config(args, parser)
+    cfg = model_config(args, parser, kind=None)
     changes = {}
     if args.unrolled:
         changes["scan_layers"] = False
