@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from layers import checks, segments, short_conv
+from layers import checks, norms, segments, short_conv
 from layers import params as P
 from layers.params import ParamSpec, fan_in_normal, zeros
 
@@ -65,6 +65,8 @@ class MambaConfig:
     proj_bias: biases on in_proj and out_proj.
     scan: "chunked" | "associative" | "sequential" | "pallas" | "auto" (see `selective_scan`).
     chunk_size: chunk length of the "chunked" scan.
+    inner_norm_eps: None (plain Mamba), or RMSNorm dt (before dt_proj), B and C with learned
+      scales and this eps, as Jamba's Mamba layers do (params "dt_norm_R", "B_norm_N", "C_norm_N").
     """
 
     d_model: int
@@ -79,6 +81,7 @@ class MambaConfig:
     proj_bias: bool = False
     scan: str = "chunked"
     chunk_size: int = 64
+    inner_norm_eps: float | None = None
 
     def __post_init__(self):
         name = "MambaConfig"
@@ -93,6 +96,8 @@ class MambaConfig:
         if not self.dt_init_floor > 0:
             checks.fail(name, "dt_init_floor", "a positive float", self.dt_init_floor)
         checks.one_of(name, "scan", self.scan, SCAN_MODES + KERNEL_MODES)
+        if self.inner_norm_eps is not None and not self.inner_norm_eps > 0:
+            checks.fail(name, "inner_norm_eps", "None or a positive float", self.inner_norm_eps)
 
     @property
     def d_inner(self) -> int:
@@ -282,6 +287,10 @@ def param_specs(cfg: MambaConfig) -> dict:
     if cfg.proj_bias:
         specs["bin_2E"] = ParamSpec((2, E), (None, INNER_AXIS), zeros)
         specs["bout_D"] = ParamSpec((D,), ("embed",), zeros)
+    if cfg.inner_norm_eps is not None:
+        specs["dt_norm_R"] = ParamSpec((R,), ("dt_rank",), P.ones)
+        specs["B_norm_N"] = ParamSpec((N,), ("ssm_state",), P.ones)
+        specs["C_norm_N"] = ParamSpec((N,), ("ssm_state",), P.ones)
     return specs
 
 
@@ -325,6 +334,10 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: MambaConfig, s
     p_BLP = jnp.einsum("ble,ep->blp", x_BLE, params["wx_EP"].astype(dtype),
                        preferred_element_type=jnp.float32).astype(dtype)
     dt_BLR, B_BLN, C_BLN = p_BLP[..., :R], p_BLP[..., R:R + N], p_BLP[..., R + N:]
+    if cfg.inner_norm_eps is not None:  # Jamba: keeps dt, B and C at unit RMS
+        dt_BLR = norms.rms_norm(dt_BLR, params["dt_norm_R"], cfg.inner_norm_eps)
+        B_BLN = norms.rms_norm(B_BLN, params["B_norm_N"], cfg.inner_norm_eps)
+        C_BLN = norms.rms_norm(C_BLN, params["C_norm_N"], cfg.inner_norm_eps)
     dt_BLE = jnp.einsum("blr,re->ble", dt_BLR, params["wdt_RE"].astype(dtype),
                         preferred_element_type=jnp.float32)
     delta_BLE = jax.nn.softplus(dt_BLE + params["bdt_E"].astype(jnp.float32)[None, None, :])

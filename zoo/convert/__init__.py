@@ -31,6 +31,8 @@ FAMILIES = {
     "bert": "bert",
     "jamba": "jamba",
     "t5": "t5",
+    "bart": "bart",
+    "xlstm": "xlstm", "recurrent_gemma": "recurrent_gemma",
 }
 
 __all__ = ["FAMILIES", "UnsupportedError", "family", "from_hf", "to_hf", "model_types"]
