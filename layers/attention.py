@@ -40,6 +40,13 @@ class AttentionConfig:
     use_bias: biases on the q/k/v projections; out_bias: on the output projection.
     query_scale: multiplier on scores; defaults to head_dim ** -0.5.
     impl: "xla" | "reference" | "pallas" (see layers.attention_core).
+    attention_sinks: with sliding_window, keys at the first this-many positions stay visible
+      beyond the window (StreamingLLM's attention sinks); 0 = none.
+    rolling_cache: the KV cache keeps only attention_sinks + sliding_window slots, reused as a
+      ring, so decoding runs to any length in constant memory (needs sliding_window). Keys keep
+      their original positions: the result equals full attention under the sink + window mask.
+    kv_cache_dtype: None stores K/V in the dtype given to init_state; "int8" stores int8 values
+      with one fp32 scale per (position, kv head) (absmax / 127), dequantised when attending.
     """
 
     d_model: int
@@ -56,6 +63,9 @@ class AttentionConfig:
     out_bias: bool = False
     query_scale: float | None = None
     impl: str = "xla"
+    attention_sinks: int = 0
+    rolling_cache: bool = False
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         name = "AttentionConfig"
@@ -74,6 +84,13 @@ class AttentionConfig:
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             checks.fail(name, "logit_softcap", "a positive float or None", self.logit_softcap)
         checks.one_of(name, "impl", self.impl, attention_core.IMPLS)
+        if not isinstance(self.attention_sinks, int) or self.attention_sinks < 0:
+            checks.fail(name, "attention_sinks", "an integer >= 0", self.attention_sinks)
+        if self.attention_sinks and self.sliding_window is None:
+            checks.fail(name, "sliding_window", "a window when attention_sinks > 0", None)
+        if self.rolling_cache and self.sliding_window is None:
+            checks.fail(name, "sliding_window", "a window when rolling_cache=True", None)
+        checks.one_of(name, "kv_cache_dtype", self.kv_cache_dtype, (None, "int8"))
         if self.rope is not None and self.head_dim % 2:
             checks.fail(name, "head_dim", "an even number when rope is used", self.head_dim)
 
@@ -108,16 +125,49 @@ def init(key: jax.Array, cfg: AttentionConfig) -> dict:
 
 def init_state(cfg: AttentionConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
     """KV cache: k/v [B, T, G, K], the logical position of each slot (-1 empty) and the
-    next slot to write per row."""
+    next slot to write per row (`index_B`). A rolling cache has T = attention_sinks +
+    sliding_window slots whatever max_len is, and tracks the next position (`next_pos_B`)
+    instead: it never fills. An int8 cache adds k/v scales [B, T, G]."""
     checks.positive("init_state", "batch_size", batch_size)
     checks.positive("init_state", "max_len", max_len)
-    shape = (batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {
-        "k_BTGK": jnp.zeros(shape, dtype),
-        "v_BTGK": jnp.zeros(shape, dtype),
-        "pos_BT": jnp.full((batch_size, max_len), -1, jnp.int32),
-        "index_B": jnp.zeros((batch_size,), jnp.int32),
+    T = cfg.attention_sinks + cfg.sliding_window if cfg.rolling_cache else max_len
+    shape = (batch_size, T, cfg.n_kv_heads, cfg.head_dim)
+    kv_dtype = jnp.int8 if cfg.kv_cache_dtype == "int8" else dtype
+    state = {
+        "k_BTGK": jnp.zeros(shape, kv_dtype),
+        "v_BTGK": jnp.zeros(shape, kv_dtype),
+        "pos_BT": jnp.full((batch_size, T), -1, jnp.int32),
+        ("next_pos_B" if cfg.rolling_cache else "index_B"): jnp.zeros((batch_size,), jnp.int32),
     }
+    if cfg.kv_cache_dtype == "int8":
+        state["k_scale_BTG"] = jnp.ones(shape[:3], jnp.float32)
+        state["v_scale_BTG"] = jnp.ones(shape[:3], jnp.float32)
+    return state
+
+
+def _int8(x_BLGK):
+    """Symmetric int8 with one fp32 scale per (token, kv head): absmax / 127."""
+    x = x_BLGK.astype(jnp.float32)
+    scale_BLG = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    scale_BLG = jnp.where(scale_BLG > 0, scale_BLG, 1.0)
+    return jnp.clip(jnp.round(x / scale_BLG[..., None]), -127, 127).astype(jnp.int8), scale_BLG
+
+
+def _cache_entries(k_BLGK, v_BLGK, cfg: AttentionConfig) -> dict:
+    """What the cache stores for new keys and values (named as the state's leaves)."""
+    if cfg.kv_cache_dtype != "int8":
+        return {"k_BTGK": k_BLGK, "v_BTGK": v_BLGK}
+    (k_q, k_s), (v_q, v_s) = _int8(k_BLGK), _int8(v_BLGK)
+    return {"k_BTGK": k_q, "v_BTGK": v_q, "k_scale_BTG": k_s, "v_scale_BTG": v_s}
+
+
+def _cache_kv(entries: dict, dtype):
+    """Keys and values in the compute dtype from cache entries (dequantised when int8)."""
+    k, v = entries["k_BTGK"], entries["v_BTGK"]
+    if "k_scale_BTG" in entries:
+        k = k.astype(jnp.float32) * entries["k_scale_BTG"][..., None]
+        v = v.astype(jnp.float32) * entries["v_scale_BTG"][..., None]
+    return k.astype(dtype), v.astype(dtype)
 
 
 def _project(x_BLD, w, b):
@@ -139,7 +189,8 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfi
     """
     B, L, _ = x_BLD.shape
     if positions is None:
-        offset_B = jnp.zeros((B,), jnp.int32) if state is None else state["index_B"]
+        offset_B = (jnp.zeros((B,), jnp.int32) if state is None
+                    else state["next_pos_B" if cfg.rolling_cache else "index_B"])
         positions = offset_B[:, None] + jnp.arange(L, dtype=jnp.int32)[None, :]
     q_BLHK = _project(x_BLD, params["wq_DHK"], params.get("bq_HK"))
     k_BLGK = _project(x_BLD, params["wk_DGK"], params.get("bk_GK"))
@@ -155,18 +206,30 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfi
         k_pos_BS, k_seg_BS, k_BSGK, v_BSGK = positions, segment_ids, k_BLGK, v_BLGK
         q_seg_BL = segment_ids
         new_state = None
+    elif cfg.rolling_cache:
+        # Attend over the cache before this call plus the new keys (a long prefill needs keys
+        # that its own later tokens evict), then keep what later queries can still see.
+        entries = _cache_entries(k_BLGK, v_BLGK, cfg)
+        new_pos_BL = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
+        k_pos_BS = jnp.concatenate([state["pos_BT"], new_pos_BL], axis=1)
+        (k_old, v_old), (k_new, v_new) = _cache_kv(state, x_BLD.dtype), _cache_kv(entries, x_BLD.dtype)
+        k_BSGK, v_BSGK = jnp.concatenate([k_old, k_new], axis=1), jnp.concatenate([v_old, v_new], axis=1)
+        new_state = attention_core.cache_write_rolling(state, entries, positions, segment_ids,
+                                                       sinks=cfg.attention_sinks, window=cfg.sliding_window)
+        q_seg_BL = k_seg_BS = None
     else:
-        new_state = attention_core.cache_append(state, {"k_BTGK": k_BLGK, "v_BTGK": v_BLGK},
-                                                positions, segment_ids)
-        k_pos_BS, k_BSGK, v_BSGK = new_state["pos_BT"], new_state["k_BTGK"], new_state["v_BTGK"]
-        k_BSGK, v_BSGK = k_BSGK.astype(x_BLD.dtype), v_BSGK.astype(x_BLD.dtype)
+        new_state = attention_core.cache_append(state, _cache_entries(k_BLGK, v_BLGK, cfg), positions,
+                                                segment_ids)
+        k_pos_BS = new_state["pos_BT"]
+        k_BSGK, v_BSGK = _cache_kv(new_state, x_BLD.dtype)
         q_seg_BL = k_seg_BS = None
 
     slopes = jnp.asarray(alibi_slopes(cfg.n_heads)) if cfg.alibi else None
     o_BLHK = attention_core.attend(
         q_BLHK, k_BSGK, v_BSGK, q_pos_BL=positions, k_pos_BS=k_pos_BS,
         q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS, causal=cfg.causal, window=cfg.sliding_window,
-        softcap=cfg.logit_softcap, scale=cfg.scale, alibi_slopes_H=slopes, impl=cfg.impl)
+        softcap=cfg.logit_softcap, scale=cfg.scale, alibi_slopes_H=slopes, sinks=cfg.attention_sinks,
+        impl=cfg.impl)
     y_BLD = jnp.einsum("BLHK,HKD->BLD", o_BLHK, params["wo_HKD"].astype(x_BLD.dtype),
                        preferred_element_type=jnp.float32)
     if "bo_D" in params:

@@ -7,7 +7,8 @@ one-token decode step go through the same code. `impl` picks the implementation:
 
 - "xla": grouped einsums; K/V heads are never repeated to the query heads (GQA/MQA for free).
 - "reference": the slow obvious version (K/V repeated per head); the yardstick in tests.
-- "pallas": reserved for the kernel issue; raises until a kernel is registered.
+- "pallas": the flash-attention kernel registered by `pallas_kernels` (interpret mode on CPU).
+- "auto": "pallas" on GPU/TPU when there is no score bias, else "xla".
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 if TYPE_CHECKING:
     from jaxtyping import Array, Bool, Float, Int
 
-IMPLS = ("xla", "reference", "pallas")
+IMPLS = ("xla", "reference", "pallas", "auto")
 
 # Kernels register themselves here (pallas_kernels imports stay out of the layer's import path).
 KERNELS: dict[str, Callable] = {}
@@ -29,8 +30,9 @@ KERNELS: dict[str, Callable] = {}
 def make_mask(q_pos_BL: "Int[Array, 'B L']", k_pos_BS: "Int[Array, 'B S']", *,
               causal: bool, window: int | None,
               q_seg_BL: "Int[Array, 'B L'] | None" = None,
-              k_seg_BS: "Int[Array, 'B S'] | None" = None) -> "Bool[Array, 'B L S']":
-    """True where query l may attend key s. Keys with negative position are empty slots."""
+              k_seg_BS: "Int[Array, 'B S'] | None" = None, sinks: int = 0) -> "Bool[Array, 'B L S']":
+    """True where query l may attend key s. Keys with negative position are empty slots.
+    sinks: with a window, keys at positions < sinks stay visible beyond it (StreamingLLM)."""
     q = q_pos_BL[:, :, None]
     k = k_pos_BS[:, None, :]
     mask = jnp.broadcast_to(k >= 0, (q.shape[0], q.shape[1], k.shape[2]))
@@ -39,7 +41,7 @@ def make_mask(q_pos_BL: "Int[Array, 'B L']", k_pos_BS: "Int[Array, 'B S']", *,
     if window is not None:
         # Mistral convention: W keys including the current one.
         dist = (q - k) if causal else jnp.abs(q - k)
-        mask = mask & (dist < window)
+        mask = mask & ((dist < window) | (k < sinks))
     if q_seg_BL is not None and k_seg_BS is not None:
         mask = mask & (q_seg_BL[:, :, None] == k_seg_BS[:, None, :])
     return mask
@@ -72,8 +74,10 @@ def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
            q_seg_BL: "Int[Array, 'B L'] | None" = None, k_seg_BS: "Int[Array, 'B S'] | None" = None,
            causal: bool = True, window: int | None = None, softcap: float | None = None,
            scale: float | None = None, alibi_slopes_H: "Float[Array, 'H'] | None" = None,
-           impl: str = "xla") -> "Float[Array, 'B L H K']":
-    """Scaled dot-product attention; H query heads share G = H / R key/value heads."""
+           bias_BHLS: "Float[Array, 'B H L S'] | None" = None,
+           sinks: int = 0, impl: str = "xla") -> "Float[Array, 'B L H K']":
+    """Scaled dot-product attention; H query heads share G = H / R key/value heads.
+    bias_BHLS: an additive score bias (e.g. T5's relative position bias), added after scaling."""
     B, L, H, K = q_BLHK.shape
     G = k_BSGK.shape[2]
     if H % G:
@@ -84,13 +88,23 @@ def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
         raise ValueError(f"attend: impl must be one of {IMPLS}, got {impl!r}")
     scale = K ** -0.5 if scale is None else scale
     mask_BLS = make_mask(q_pos_BL, k_pos_BS, causal=causal, window=window,
-                         q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS)
-    bias_BHLS = None if alibi_slopes_H is None else alibi_bias(alibi_slopes_H, q_pos_BL, k_pos_BS, causal=causal)
+                         q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS, sinks=sinks)
+    if sinks and impl == "auto":
+        impl = "xla"  # the kernel builds its own masks and knows no attention sinks
+    if sinks and impl == "pallas":
+        raise ValueError("attend: impl='pallas' does not support attention sinks; use impl='xla'")
+    if alibi_slopes_H is not None:
+        alibi_BHLS = alibi_bias(alibi_slopes_H, q_pos_BL, k_pos_BS, causal=causal)
+        bias_BHLS = alibi_BHLS if bias_BHLS is None else alibi_BHLS + bias_BHLS.astype(jnp.float32)
+    if impl == "auto":  # the kernel where it runs natively and supports the case
+        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") and bias_BHLS is None else "xla"
     if impl == "pallas":
         if "pallas" not in KERNELS:
-            raise ValueError("attend: impl='pallas' needs a registered kernel; none is available yet")
-        return KERNELS["pallas"](q_BLHK, k_BSGK, v_BSGK, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS,
-                                 scale=scale, softcap=softcap)
+            import pallas_kernels  # noqa: F401  (importing it registers its kernels here)
+        # The kernel builds its masks from positions and segment ids per block, never [B, L, S].
+        return KERNELS["pallas"](q_BLHK, k_BSGK, v_BSGK, q_pos_BL=q_pos_BL, k_pos_BS=k_pos_BS,
+                                 q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS, causal=causal, window=window,
+                                 bias_BHLS=bias_BHLS, scale=scale, softcap=softcap)
     if impl == "reference":
         return attend_reference(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, scale=scale, softcap=softcap)
     return _attend_grouped(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, scale=scale, softcap=softcap)
@@ -141,4 +155,29 @@ def cache_append(state: dict, entries: dict, positions_BL, segment_ids_BL=None) 
     new_state = {name: _write(state[name], value, index_B) for name, value in entries.items()}
     new_state["pos_BT"] = _write(state["pos_BT"], slot_pos_BL, index_B)
     new_state["index_B"] = index_B + positions_BL.shape[1]
+    return new_state
+
+
+def ring_slots(positions_BL, *, sinks: int, window: int):
+    """Rolling-cache slot of each logical position: the first `sinks` positions keep their own
+    slots, later ones cycle through `window` slots after them."""
+    return jnp.where(positions_BL < sinks, positions_BL, sinks + (positions_BL - sinks) % window)
+
+
+def cache_write_rolling(state: dict, entries: dict, positions_BL, segment_ids_BL=None, *, sinks: int,
+                        window: int) -> dict:
+    """The rolling-cache update (attention sinks + recent window, `sinks + window` slots): a token
+    is written at its ring slot when it is real (segment id != 0) and stays visible to later
+    queries (a sink, or among its row's last `window` positions); others are dropped, so slots
+    never collide. `pos_BT` records each slot's logical position; `next_pos_B` the next one."""
+    T = state["pos_BT"].shape[1]
+    real_BL = positions_BL >= 0 if segment_ids_BL is None else (segment_ids_BL > 0) & (positions_BL >= 0)
+    last_B1 = jnp.max(jnp.where(real_BL, positions_BL, -1), axis=1, keepdims=True)
+    keep_BL = real_BL & ((positions_BL < sinks) | (positions_BL > last_B1 - window))
+    slot_BL = jnp.where(keep_BL, ring_slots(positions_BL, sinks=sinks, window=window), T)
+    rows_B1 = jnp.arange(positions_BL.shape[0])[:, None]
+    new_state = {name: state[name].at[rows_B1, slot_BL].set(value.astype(state[name].dtype), mode="drop")
+                 for name, value in entries.items()}
+    new_state["pos_BT"] = state["pos_BT"].at[rows_B1, slot_BL].set(positions_BL, mode="drop")
+    new_state["next_pos_B"] = jnp.maximum(state["next_pos_B"], last_B1[:, 0] + 1)
     return new_state

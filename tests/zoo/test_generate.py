@@ -95,3 +95,23 @@ def test_greedy_wrapper_and_validation():
         generate.generate(params, [[]], cfg, max_new_tokens=2)
     with pytest.raises(TypeError, match="integer dtype"):
         generate.greedy(params, np.zeros((1, 4), np.float32), cfg, 2)
+
+
+@pytest.mark.slow
+def test_rolling_cache_generates_past_the_cache_with_constant_state():
+    """Sinks 4 + window 8 = 12 cache slots, 40 new tokens: greedy equals the argmax of the full
+    forward under the same sink + window mask, and the state does not grow with the length."""
+    cfg, params = _model("llama-tiny", max_len=64)
+    rolling = generate.with_rolling_cache(cfg, sinks=4, window=8)
+    prompt = [5, 17, 200, 3, 9, 11]
+    out = generate.generate(params, [prompt], rolling, max_new_tokens=40, cache_len=64)
+    assert out.tokens[0] == _reference_greedy(params, prompt, rolling, 40)
+    size = lambda c, n: sum(x.size * x.dtype.itemsize
+                            for x in jax.tree.leaves(jax.eval_shape(lambda: zoo.init_state(c, 1, n))))
+    assert size(rolling, 64) == size(rolling, 1 << 16) < size(cfg, 64)
+
+
+def test_prompt_longer_than_the_cache_is_refused():
+    cfg = zoo.presets.get("llama-tiny", max_len=16)
+    with pytest.raises(ValueError, match="prompts: the longest prompt has 20 tokens.*cache length 16"):
+        generate.generate(None, [list(range(20))], cfg, max_new_tokens=1)
