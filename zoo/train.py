@@ -469,7 +469,7 @@ def _placement(mesh, rules, cfg):
 
 def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None, params: Any = None,
           print_fn: Callable[[str], Any] = print, checkpoint_dir: str | None = None, save_every: int = 0,
-          keep_last: int = 3, resume: bool = False, metrics_jsonl: str | None = None,
+          keep_last: int = 3, keep_best: int = 0, resume: bool = False, metrics_jsonl: str | None = None,
           tensorboard_dir: str | None = None, peak_flops: float | None = None,
           mesh: Any = None, rules: Any = None) -> tuple[Any, list[float]]:
     """Train `cfg` (under `tcfg.precision`) for `tcfg.steps` steps.
@@ -482,6 +482,7 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
     params: the starting point (copied, not donated).
     checkpoint_dir / save_every / keep_last: save params, optimizer state, the data position and
       the loss history every `save_every` steps and at the end (orbax, atomic).
+    keep_best: also keep the N checkpoints whose step had the lowest validation bits.
     resume: continue from the newest checkpoint in `checkpoint_dir` (if any): the run then
       matches an uninterrupted one bit for bit.
     metrics_jsonl / tensorboard_dir: where per-step metrics go (step, loss, ce, bits, lr,
@@ -502,7 +503,10 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
     make_sampler, val_data, data_desc = _data_sources(data, val_data, tcfg, cfg)
     if resume and checkpoint_dir is None:
         raise ValueError("train: resume=True needs checkpoint_dir")
-    ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir, keep_last=keep_last)
+    # keep_best ranks checkpoints by the validation bits measured at their step (eval_every
+    # should divide save_every); checkpoints without one are never counted among the best.
+    ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(
+        checkpoint_dir, keep_last=keep_last, keep_best=keep_best, best_metric="val_bits", best_mode="min")
     p_shard, place, rules_ctx = _placement(mesh, rules, cfg)
     if p_shard is not None:
         import sharding
@@ -547,10 +551,15 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
                 opt_state = jax.jit(optimizer.init)(params)
     sampler = make_sampler(start)
 
+    val_at: dict[int, float] = {}  # step -> validation bits measured there (ranks keep_best)
+
     def save(step: int, loss: float) -> None:
+        metrics = {"loss": loss}
+        if step in val_at:
+            metrics["val_bits"] = val_at[step]
         ckpt.save(step, params=params, opt_state=opt_state, extra={
             "resume": checkpoint.exact_resume_state(sampler.step), "train_config": dataclasses.asdict(tcfg),
-            "metrics": {"loss": loss}, "history": history})
+            "metrics": metrics, "history": history})
     with _optax_promotion():
         lrs = np.asarray(jax.jit(jax.vmap(make_schedule(tcfg)))(jnp.arange(tcfg.steps)))
 
@@ -618,6 +627,7 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
                          f"grad_norm {record['grad_norm']:.3f}  lr {lrs[i]:.2e}  {speed}")
             if evaluating:
                 val_bits = run_eval()
+                val_at[i + 1] = val_bits
                 record["val_bits"] = val_bits
                 print_fn(f"step {i + 1:>6}/{tcfg.steps}  val bits {val_bits:.4f}")
             if record is not None:

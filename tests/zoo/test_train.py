@@ -11,7 +11,7 @@ import pytest
 
 import zoo
 from layers.checks import ConfigError
-from zoo import data, train
+from zoo import checkpoint, data, train
 
 CFG = zoo.presets.get("llama-tiny", d_model=32, n_layers=2)
 TCFG = train.TrainConfig(steps=30, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=3, log_every=10,
@@ -421,3 +421,19 @@ def test_train_on_a_mesh_places_params_and_matches_one_device():
     np.testing.assert_allclose(h2, h1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_keep_best_keeps_the_lowest_validation_step_and_the_newest(tmp_path):
+    cfg = zoo.presets.get("llama-tiny", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=32)
+    tcfg = train.TrainConfig(steps=8, batch_size=2, seq_len=16, warmup_steps=1, log_every=1, eval_every=2,
+                             eval_batches=1)
+    corpus = bytes(range(256)) * 40
+    lines = []
+    train.train(cfg, tcfg, data=corpus, print_fn=lines.append, checkpoint_dir=str(tmp_path), save_every=2,
+                keep_last=1, keep_best=1)
+    val = {int(line.split()[1].split("/")[0]): float(line.split()[-1]) for line in lines if "val bits " in line
+           and line.startswith("step")}
+    assert sorted(val) == [2, 4, 6]
+    best = min(val, key=val.get)
+    with checkpoint.Checkpointer(tmp_path) as c:
+        assert c.all_steps() == sorted({best, 8})

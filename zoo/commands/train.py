@@ -81,6 +81,9 @@ def add_parser(sub) -> None:
     out.add_argument("--save-every", type=non_negative_int, default=0,
                      help="checkpoint every N steps and at the end (default: only at the end)")
     out.add_argument("--keep-last", type=positive_int, default=3, help="checkpoints kept (default 3)")
+    out.add_argument("--keep-best", type=non_negative_int, default=0,
+                     help="also keep the N checkpoints with the lowest validation bits, measured at "
+                          "their step (set --eval-every to divide --save-every; default 0)")
     out.add_argument("--resume", action="store_true",
                      help="continue from the newest checkpoint in --checkpoint-dir (bit-for-bit)")
     out.add_argument("--metrics-jsonl", default=None,
@@ -208,7 +211,7 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         params, _history = train.train(cfg, tcfg, data=train_data, val_data=val_data,
                                        checkpoint_dir=args.checkpoint_dir, save_every=args.save_every,
-                                       keep_last=args.keep_last, resume=args.resume, metrics_jsonl=metrics_jsonl,
+                                       keep_last=args.keep_last, keep_best=args.keep_best, resume=args.resume, metrics_jsonl=metrics_jsonl,
                                        tensorboard_dir=args.tensorboard, peak_flops=args.peak_flops,
                                        mesh=mesh, rules=rules)
     except train.NonFiniteLossError as e:
