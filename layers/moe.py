@@ -66,6 +66,8 @@ class MoEConfig:
       ceil(capacity_factor * tokens * top_k / n_experts) assignments.
     n_shared_experts: always-on experts, run as one gated MLP of width n_shared_experts * d_ff
       and added to the routed output (Qwen-MoE, DeepSeek); 0 = none.
+    shared_gate: scale the shared experts' output per token by sigmoid(x . w_gate), a learned
+      D-vector (Qwen2-MoE's shared_expert_gate); needs n_shared_experts > 0.
     activation: expert activation, one of layers.mlp.ACTIVATIONS.
     gated: act(x W_gate) * (x W_up) before W_down (SwiGLU with silu), as in layers.mlp.
     load_balance_weight: coefficient the model puts on aux["load_balance_loss"] (Switch 1e-2).
@@ -89,6 +91,7 @@ class MoEConfig:
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25
     n_shared_experts: int = 0
+    shared_gate: bool = False
     activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "silu"
     gated: bool = True
     load_balance_weight: float = 0.01
@@ -120,6 +123,9 @@ class MoEConfig:
                         f"({self.n_experts // self.n_groups} experts per group)", self.topk_groups)
         if not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
             checks.fail(own, "n_shared_experts", "a non-negative integer", self.n_shared_experts)
+        if self.shared_gate and not self.n_shared_experts:
+            checks.fail(own, "shared_gate", "False when n_shared_experts=0 (it gates the shared experts)",
+                        self.shared_gate)
         if not self.capacity_factor > 0:
             checks.fail(own, "capacity_factor", "> 0", self.capacity_factor)
         if not self.routed_scaling > 0:
@@ -156,6 +162,9 @@ def param_specs(cfg: MoEConfig) -> dict:
         specs["router_bias_E"] = ParamSpec((E,), ("expert",), zeros, keep_dtype=True)
     if cfg.n_shared_experts:
         specs["shared"] = mlp.param_specs(cfg.shared_mlp())
+    if cfg.shared_gate:
+        # A vector, so the default decay rule leaves it undecayed, like the router bias and norms.
+        specs["shared_gate_D"] = ParamSpec((D,), ("embed",), fan_in_normal((0,)))
     return specs
 
 
@@ -338,7 +347,13 @@ def _combine(y_TKD, weights_TK):
 
 
 def _shared(params, x_TD, cfg: MoEConfig):
-    return mlp.apply(params["shared"], x_TD, cfg=cfg.shared_mlp()).astype(jnp.float32)
+    y_TD = mlp.apply(params["shared"], x_TD, cfg=cfg.shared_mlp()).astype(jnp.float32)
+    if cfg.shared_gate:
+        # fp32 like the router: the gate is a per-token scalar that scales a whole output row.
+        gate_T = jax.nn.sigmoid(jnp.einsum("TD,D->T", x_TD.astype(jnp.float32),
+                                           params["shared_gate_D"].astype(jnp.float32)))
+        y_TD = gate_T[:, None] * y_TD
+    return y_TD
 
 
 def apply(params: dict, x_BLD: "Float[Array, '... D']", cfg: MoEConfig, *,

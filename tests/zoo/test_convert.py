@@ -191,7 +191,8 @@ def _write_config(folder, **config):
 
 @pytest.mark.parametrize("config, option", [
     (dict(_MAMBA, model_type="mamba2", num_heads=8, head_dim=8, time_step_limit=[0.0, 1.0]), "time_step_limit"),
-    (dict(model_type="qwen2_moe", shared_expert_intermediate_size=32), "shared_expert_intermediate_size"),
+    (dict(_LLAMA, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+          shared_expert_intermediate_size=24), "shared_expert_intermediate_size=24"),
     (dict(_LLAMA, model_type="llama", rope_parameters=dict(rope_type="longrope", rope_theta=1e4)),
      "rope_parameters.rope_type='longrope'"),
     (dict(_DEEPSEEK, model_type="deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=2),

@@ -174,8 +174,8 @@ def check_exportable(cfg: ModelConfig, model_type: str) -> None:
     if len(moes) > 1 or len(denses) > 1 or any(not d.gated or d.use_bias for d in denses):
         no("one MoE config and one gated bias-free MLP config")
     for m in moes:
-        if not m.gated or m.dispatch != "dropless":
-            no("experts must be gated and dropless")
+        if not m.gated or m.dispatch != "dropless" or m.shared_gate:
+            no("experts must be gated and dropless, shared experts ungated (shared_gate is Qwen2-MoE's)")
         if model_type == "deepseek_v3" and m.router != "sigmoid":
             no(f"DeepSeek-V3 routes with a sigmoid, got router={m.router!r}")
         if model_type == "deepseek_v2" and (m.router != "softmax" or m.renormalize or m.n_groups != 1):
