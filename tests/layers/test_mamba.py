@@ -168,6 +168,7 @@ def test_selective_scan_reset_starts_afresh(mode):
     H.assert_close(h, h2, 1e-6, "final h")
 
 
+@pytest.mark.slow
 def test_chunked_gradient_keeps_only_chunk_states():
     """Backward memory of the chunked form grows slower with L than one [B, L, E, N] tensor;
     the associative form's grows faster (it keeps several)."""
@@ -390,6 +391,7 @@ def _model_cfg(**kw):
     return ModelConfig(vocab_size=64, d_model=32, n_layers=2, pattern=(attn, ssm), **kw)
 
 
+@pytest.mark.slow
 def test_hybrid_model_forward_equals_step():
     cfg = _model_cfg()
     params = zoo.init(jax.random.key(0), cfg)

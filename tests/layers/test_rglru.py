@@ -72,6 +72,7 @@ def test_forward_matches_the_per_token_reference():
     H.assert_close(y, reference(params, x, CFG), 1e-5, "forward vs reference")
 
 
+@pytest.mark.slow
 def test_step_split_and_packing_agree():
     key = jax.random.PRNGKey(1)
     params = random_params(CFG, key)

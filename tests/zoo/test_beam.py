@@ -96,6 +96,7 @@ def test_exhaustive_on_tiny_vocab():
     np.testing.assert_allclose(out.scores, [brute[s] / 2 for s in best], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_stop_tokens_finish_hypotheses_with_length_penalty():
     cfg, params = _model("llama-tiny")
     n = 8

@@ -66,6 +66,7 @@ def test_parallel_block_requires_ffn_and_pre_norm():
         BlockConfig(mixer=ATTN, ffn=None, parallel=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["post", "parallel"])
 def test_custom_patterns_decode_like_forward(variant):
     """A post-norm sinusoidal model and a parallel-block ALiBi model, built from blocks by hand."""

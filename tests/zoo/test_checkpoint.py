@@ -211,6 +211,7 @@ def test_corrupt_step_dir_raises_clear_error(tmp_path):
         c.restore(1, params_target=p_t, opt_state_target=o_t)
 
 
+@pytest.mark.slow
 def test_exact_resume(tmp_path, model):
     cfg, optimizer, step_fn = model
     n, half = TCFG.steps, TCFG.steps // 2

@@ -87,6 +87,7 @@ def test_scan_and_unrolled_layers_agree(name):
                                np.asarray(zoo.forward(params, tokens, cfg=cfg)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradients():
     base = zoo.presets.get("llama-tiny", n_layers=2)
     params = zoo.init(jax.random.key(3), base)
