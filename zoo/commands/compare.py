@@ -74,15 +74,21 @@ def cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                          f"{', '.join(t.name for t in all_tasks)}")
     budget = H.BUDGETS[mode]
     if args.steps is not None:
-        budget = dataclasses.replace(budget, steps=args.steps)
+        budget = dataclasses.replace(budget, steps=args.steps,
+                                     mqar_steps=None if budget.mqar_steps is None else args.steps)
     if args.target_params is not None:
         budget = dataclasses.replace(budget, target_params=args.target_params)
 
     command = "zoo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else \
         "zoo compare " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("run", "subparser"))
+    mqar = next((t for t in task_list if t.name.startswith("mqar_")), None)
+    mqar_note = ""
+    if mqar is not None and budget.for_task(mqar) != budget:
+        b = budget.for_task(mqar)
+        mqar_note = f" (MQAR: {b.steps} steps x {b.batch_size}, lr sweep {b.lrs})"
     print(f"zoo compare ({mode}): {len(names)} families x {len(task_list)} tasks, "
           f"{budget.target_params:,} non-embedding params each, {budget.steps} steps x {budget.batch_size} "
-          f"sequences, lr sweep {budget.lrs}; writing to {args.out}")
+          f"sequences, lr sweep {budget.lrs}{mqar_note}; writing to {args.out}")
     t0 = time.perf_counter()
     results = H.run(names, task_list, budget, seed=args.seed, mode=mode, command=command,
                     show_progress=not args.no_progress)

@@ -28,6 +28,11 @@ N_LAYERS = 2
 WIDTH_STEP = 8
 #: Window of the sliding-window family, in tokens (shorter than every task's sequence).
 SWA_WINDOW = 32
+#: Std of the (tied) embedding initialisation of every compared model. The project default 0.02
+#: (GPT-2's, for wide models) leaves these d 24-64 models on MQAR's ln(4) plateau for well over
+#: 1,500 steps; at 1.0 (unit-scale token vectors, as T5 and PyTorch's nn.Embedding) a 2-layer
+#: d 64 Llama leaves it after ~400 steps (docs/compare.md, "MQAR on a CPU").
+EMBED_INIT_STD = 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,7 +54,7 @@ class Family:
     def config(self, *, vocab_size: int, max_len: int, d_model: int, d_ff: int | None = None) -> ModelConfig:
         if d_ff is None:
             d_ff = max(1, round((self.ffn_ratio or 4.0) * d_model))
-        return self.build(vocab_size, max_len, d_model, d_ff)
+        return dataclasses.replace(self.build(vocab_size, max_len, d_model, d_ff), init_std=EMBED_INIT_STD)
 
 
 def _llama(window: int | None):

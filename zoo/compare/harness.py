@@ -36,6 +36,9 @@ class Budget:
     warmup_fraction: warmup steps as a fraction of steps.
     eval_batches, eval_batch_size: held-out batches scored per task.
     decode_contexts: cache lengths at which decoding is timed and its state measured.
+    mqar_steps, mqar_batch_size, mqar_lrs: MQAR's own steps, batch and sweep where they differ
+      (None: the general ones). Attention leaves MQAR's ln(4) plateau only after a few hundred
+      steps, far more than a language-modelling smoke run needs (docs/compare.md, "MQAR on a CPU").
     """
 
     target_params: int
@@ -46,11 +49,35 @@ class Budget:
     eval_batches: int = 2
     eval_batch_size: int = 128
     decode_contexts: tuple[int, ...] = (1024, 4096, 16384)
+    mqar_steps: int | None = None
+    mqar_batch_size: int | None = None
+    mqar_lrs: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        for name in ("target_params", "steps", "batch_size", "eval_batches", "eval_batch_size",
+                     "mqar_steps", "mqar_batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"Budget.{name}: expected a positive int, got {v!r}")
+        for name in ("lrs", "mqar_lrs"):
+            v = getattr(self, name)
+            if v is not None and (not v or not all(x > 0 for x in v)):
+                raise ValueError(f"Budget.{name}: expected a non-empty tuple of positive rates, got {v!r}")
+
+    def for_task(self, task: T.Task) -> "Budget":
+        """This budget with MQAR's own steps, batch and rates in place for an MQAR task."""
+        if not task.name.startswith("mqar_"):
+            return self
+        return dataclasses.replace(self, steps=self.mqar_steps or self.steps,
+                                   batch_size=self.mqar_batch_size or self.batch_size,
+                                   lrs=self.mqar_lrs or self.lrs)
 
 
 BUDGETS = {
-    "quick": Budget(target_params=20_000, steps=60, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=1,
-                    decode_contexts=(256, 1024)),
+    # MQAR gets its own steps in --quick: a 2-layer d 56 Llama at 80k parameters crosses 0.9 on
+    # (64, 4) after ~500-600 of 800 steps at lr 3e-3 (docs/compare.md); LM stays a short smoke run.
+    "quick": Budget(target_params=80_000, steps=60, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=1,
+                    decode_contexts=(256, 1024), mqar_steps=800, mqar_batch_size=32, mqar_lrs=(3e-3,)),
     "default": Budget(target_params=30_000, steps=150, batch_size=16, lrs=(3e-3, 1e-2)),
     "full": Budget(target_params=1_000_000, steps=5000, batch_size=64,
                    lrs=tuple(float(x) for x in np.logspace(-4, -2, 4)), eval_batches=8,
@@ -96,6 +123,7 @@ def _curve(losses_S: np.ndarray, points: int = 100) -> list[float]:
 
 def run_task(sized: F.Sized, task: T.Task, budget: Budget, seed: int,
              on_step: Callable[[int], Any] | None = None) -> tuple[dict, sweep.SweepResult, Any]:
+    budget = budget.for_task(task)
     fam = F.get(sized.family)
     cfg = fam.config(vocab_size=task.vocab_size, max_len=task.seq_len, d_model=sized.d_model, d_ff=sized.d_ff)
     res = sweep.train_sweep(cfg, budget.lrs, T.train_batches(task, budget.batch_size, seed),
@@ -133,9 +161,9 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
     for task in tasks:
         label = f"{name} {task.name}"
 
-        def tick(s, label=label):
-            if progress is not None and (s + 1) % max(1, budget.steps // 10) == 0:
-                progress.show(f"{label} step {s + 1}/{budget.steps}", transient=True)
+        def tick(s, label=label, steps=budget.for_task(task).steps):
+            if progress is not None and (s + 1) % max(1, steps // 10) == 0:
+                progress.show(f"{label} step {s + 1}/{steps}", transient=True)
 
         entry, res, cfg = run_task(sized, task, budget, seed, tick)
         out["tasks"][task.name] = entry
@@ -147,7 +175,8 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
             progress.done += 1
             progress.show(f"{label}: {task.metric} {entry['value']:.3f}")
 
-    R, B, L = len(budget.lrs), budget.batch_size, ref.seq_len
+    ref_budget = budget.for_task(ref)
+    R, B, L = len(ref_budget.lrs), ref_budget.batch_size, ref.seq_len
     flops = measure.analytic_flops_per_token(ref_cfg, L)
     out["flops_per_token"] = flops
     out["xla_flops_per_token"] = measure.xla_flops_per_token(ref_cfg, B, L)
