@@ -102,7 +102,12 @@ STRATEGIES = {
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in STRATEGIES])
+# fsdp and fsdp_tp run by default (about 14 s of CPU each); the other strategies under -m slow.
+DEFAULT_STRATEGIES = ("fsdp", "fsdp_tp")
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_STRATEGIES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in STRATEGIES])
 def test_sharded_train_step_matches_single_device(name, single):
     mesh_spec, rules, required, forbidden, max_share = STRATEGIES[name]
     params0, want_params, want_loss = single
