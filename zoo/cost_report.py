@@ -159,7 +159,7 @@ def mean_context(seq_len: int, *, causal: bool, window: int | None) -> float:
 
 def _blocks_with_counts(cfg: ModelConfig):
     """(block config, how many times it runs): prefix blocks once, pattern blocks per repeat."""
-    return [(b, 1) for b in getattr(cfg, "prefix", ())] + [(b, cfg.n_repeats) for b in cfg.pattern]
+    return [(b, 1) for b in cfg.prefix] + [(b, cfg.n_repeats) for b in cfg.pattern]
 
 
 def active_params(cfg: ModelConfig) -> int:
@@ -414,7 +414,7 @@ def depth_sweep(cfg: ModelConfig, rcfg: ReportConfig, part: str = "train") -> li
     """Compile seconds of `part` at each of rcfg.depths, scanned and unrolled."""
     rows = []
     for depth in rcfg.depths:
-        n_prefix, n_pattern = len(getattr(cfg, "prefix", ())), len(cfg.pattern)
+        n_prefix, n_pattern = len(cfg.prefix), len(cfg.pattern)
         if depth <= n_prefix or (depth - n_prefix) % n_pattern:
             raise ValueError(f"depths: {depth} is not {n_prefix} prefix blocks plus a positive multiple of "
                              f"the pattern length {n_pattern}")

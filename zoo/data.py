@@ -163,7 +163,8 @@ class SeededSampler(abc.ABC):
 
     `step` (the number of batches drawn so far) is therefore all the state a checkpoint needs:
     a sampler built with `step=i` continues exactly where a run left off, and `batch(i)` gives
-    any batch without drawing the ones before it. Subclasses implement `_draw(rng)`.
+    any batch without drawing the ones before it. Subclasses implement `batch(index)`, usually
+    by drawing from `self.rng(index)`.
     """
 
     def __init__(self, batch_size: int, seed: int = 0, *, step: int = 0):
@@ -178,8 +179,12 @@ class SeededSampler(abc.ABC):
         self.batch(0)  # validate the settings now, not at the first draw
 
     @abc.abstractmethod
-    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One batch (inputs_BL, targets_BL) from this rng."""
+    def batch(self, index: int) -> Any:
+        """Batch number `index`: (inputs_BL, targets_BL) or a dict of named arrays."""
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator that batch `index` draws from: a function of (seed, index) only."""
+        return np.random.default_rng((self.seed, int(index)))
 
     @property
     def step(self) -> int:
@@ -192,9 +197,6 @@ class SeededSampler(abc.ABC):
             raise ValueError(f"{type(self).__name__}.seek: step: expected a non-negative integer, got {step!r}")
         self._step = int(step)
         return self
-
-    def batch(self, index: int) -> Any:
-        return self._draw(np.random.default_rng((self.seed, int(index))))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self
@@ -218,8 +220,8 @@ class WindowSampler(SeededSampler):
         self.seq_len = seq_len
         super().__init__(batch_size, seed, step=step)
 
-    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        return random_windows(self.data, self.batch_size, self.seq_len, rng)
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return random_windows(self.data, self.batch_size, self.seq_len, self.rng(index))
 
     def __repr__(self) -> str:
         return (f"WindowSampler(len(data)={len(self.data)}, batch_size={self.batch_size}, "

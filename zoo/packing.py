@@ -146,9 +146,6 @@ class PackedSampler(zdata.SeededSampler):
             self._epoch_cache = (epoch, tokens, doc_ids)
         return self._epoch_cache[1], self._epoch_cache[2]
 
-    def _draw(self, rng):  # not used: batches are indexed, not drawn
-        raise NotImplementedError
-
     def batch(self, index: int) -> dict[str, np.ndarray]:
         L = self.seq_len
         rows = []

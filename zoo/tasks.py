@@ -354,8 +354,8 @@ class Sampler(SeededSampler):
         self.cfg = cfg
         super().__init__(batch_size, seed, step=step)
 
-    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        return batch(self.cfg, self.batch_size, rng)
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return batch(self.cfg, self.batch_size, self.rng(index))
 
     def __repr__(self) -> str:
         return (f"Sampler({self.cfg!r}, batch_size={self.batch_size}, seed={self.seed}, "

@@ -463,8 +463,7 @@ def _placement(mesh, rules, cfg):
     p_shard = sharding.param_shardings(zoo.param_specs(cfg), mesh, rules)
     place = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, rules, a.shape,  # noqa: E731
                                                                   ("batch",) + (None,) * (a.ndim - 1)))
-    use = getattr(sharding, "use_rules", None)
-    return p_shard, place, (use(mesh, rules) if use is not None else contextlib.nullcontext())
+    return p_shard, place, sharding.use_rules(mesh, rules)
 
 
 def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None, params: Any = None,
