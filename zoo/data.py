@@ -1,4 +1,4 @@
-"""Byte-level data: a tokenizer, a corpus that ships with every Python, and window sampling.
+"""Data: a corpus that ships with every Python, and window sampling (tokenizers: zoo.tokenizer).
 
 The tiny presets are byte level (vocab 256), so any text trains them without a vocabulary
 file. `builtin_corpus` gathers the CPython standard library's own `.py` sources at runtime,
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from zoo.tokenizer import ByteTokenizer  # noqa: F401  (its home is zoo.tokenizer; kept here for old imports)
+
 if TYPE_CHECKING:
     from jaxtyping import Int
 
@@ -25,34 +27,6 @@ SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_
 
 def _separator(rel_path: str) -> bytes:
     return f"\n# ==== {rel_path} ====\n".encode()
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids: `encode` gives int32 ids in [0, 256), `decode` inverts it.
-
-    Decoding replaces invalid UTF-8 (e.g. a multi-byte character cut by the end of a sample)
-    with U+FFFD instead of raising.
-    """
-
-    vocab_size: int = 256
-
-    def encode(self, text: str) -> "Int[np.ndarray, 'L']":
-        if not isinstance(text, str):
-            raise TypeError(f"ByteTokenizer.encode: text: expected str, got {type(text).__name__}")
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-    def decode(self, ids: Any) -> str:
-        ids_L = np.asarray(ids)
-        if ids_L.ndim != 1:
-            raise ValueError(f"ByteTokenizer.decode: ids: expected rank 1, got shape {ids_L.shape}")
-        if ids_L.size and not np.issubdtype(ids_L.dtype, np.integer):
-            raise TypeError(f"ByteTokenizer.decode: ids: expected an integer dtype, got {ids_L.dtype}")
-        if ids_L.size and (ids_L.min() < 0 or ids_L.max() >= self.vocab_size):
-            raise ValueError(
-                f"ByteTokenizer.decode: ids: expected values in [0, {self.vocab_size}), "
-                f"got values in [{int(ids_L.min())}, {int(ids_L.max())}]"
-            )
-        return ids_L.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 def stdlib_files(root: str | None = None) -> list[tuple[str, str]]:

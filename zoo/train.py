@@ -36,6 +36,7 @@ from zoo import checkpoint
 from zoo import data as zdata
 from zoo import metrics as zmetrics
 from zoo import optimizers
+from zoo import tokenizer as ztok
 
 if TYPE_CHECKING:
     from jaxtyping import Array, Float, Int
@@ -373,8 +374,12 @@ _eval_sums_jit = jax.jit(_eval_sums, static_argnames="cfg")
 
 
 def evaluate(params: Any, cfg: Any, data: Any, *, batch_size: int, seq_len: int,
-             max_batches: int | None = None) -> float:
+             max_batches: int | None = None, token_bytes: Any = None) -> float:
     """Mean next-token loss in bits (nats / ln 2); for byte-level tokens this is bits per byte.
+
+    token_bytes: int [vocab_size], the text bytes each id stands for
+      (`zoo.tokenizer.Tokenizer.token_bytes()`); given, the summed loss is divided by the bytes
+      the scored targets cover instead of their count: bits per byte for any tokenizer.
 
     data: a token sequence (bytes or a rank-1 array), evaluated over non-overlapping windows
       (NaN when too short for one window; the last partial batch is padded and masked, so
@@ -395,7 +400,7 @@ def evaluate(params: Any, cfg: Any, data: Any, *, batch_size: int, seq_len: int,
         s, c = _eval_sums_jit(params, b["inputs"], b["targets"], b.get("mask"), b.get("segment_ids"),
                               b.get("positions"), cfg=cfg)
         total += float(s)
-        count += float(c)
+        count += float(c) if token_bytes is None else ztok.covered_bytes(b["targets"], token_bytes, b.get("mask"))
     return total / max(count, 1.0) / math.log(2) if count else float("nan")
 
 
@@ -470,7 +475,7 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
           print_fn: Callable[[str], Any] = print, checkpoint_dir: str | None = None, save_every: int = 0,
           keep_last: int = 3, keep_best: int = 0, resume: bool = False, metrics_jsonl: str | None = None,
           tensorboard_dir: str | None = None, peak_flops: float | None = None,
-          mesh: Any = None, rules: Any = None) -> tuple[Any, list[float]]:
+          mesh: Any = None, rules: Any = None, token_bytes: Any = None) -> tuple[Any, list[float]]:
     """Train `cfg` (under `tcfg.precision`) for `tcfg.steps` steps.
 
     data: a token sequence (bytes / rank-1 array; default the built-in stdlib corpus), sampled
@@ -487,6 +492,8 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
     metrics_jsonl / tensorboard_dir: where per-step metrics go (step, loss, ce, bits, lr,
       grad_norm, tokens_per_s, step_time_s, mfu; val_bits at evaluations).
     peak_flops: the FLOP/s that MFU is measured against; None measures a matmul once.
+    token_bytes: the text bytes per token id (`zoo.tokenizer`), so that validation reports bits
+      per byte for a tokenizer other than bytes (see `evaluate`).
     mesh / rules: place params and optimizer state with `sharding.param_shardings(specs, mesh,
       rules)` (rules: a preset name or table, default "dp") and batches over the data axes.
 
@@ -566,7 +573,7 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
         if val_data is None:
             return float("nan")
         return evaluate(params, cfg, val_data, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
-                        max_batches=tcfg.eval_batches)
+                        max_batches=tcfg.eval_batches, token_bytes=token_bytes)
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     flops_tok = zmetrics.flops_per_token(cfg, tcfg.seq_len)
@@ -617,6 +624,9 @@ def train(cfg: Any, tcfg: TrainConfig, *, data: Any = None, val_data: Any = None
                           "lr": float(lrs[i]), "grad_norm": float(metrics["grad_norm"]),
                           "tokens_per_s": tokens_since / dt, "step_time_s": dt / steps_since,
                           "mfu": (flops_tok * tokens_since / dt / peak) if peak else None}
+                if token_bytes is not None:  # "bits" is per token; this one compares across tokenizers
+                    record["bits_per_byte"] = ztok.bits_per_byte(
+                        ce * float(metrics["tokens"]), ztok.covered_bytes(b["targets"], token_bytes, b.get("mask")))
                 if i == start:
                     record["includes_compilation"] = True
                 speed = (f"{dt:.1f}s incl. compilation" if i == start

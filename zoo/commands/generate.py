@@ -1,11 +1,12 @@
 """`zoo generate`: sample from a preset (random init) or a `zoo train` checkpoint, streaming.
 
-    zoo generate --preset llama-tiny --ckpt runs/llama --prompt "def " --max-new-tokens 80
+    zoo generate --ckpt runs/llama --prompt "def " --max-new-tokens 80
     zoo generate --preset llama-tiny --prompt "x" --temperature 0.8 --top-p 0.9 --json
 
-Checkpoints written by `zoo train --checkpoint-dir` hold params, optimizer state and the train
-settings but not the model config, so `--ckpt` needs the same `--preset` (and overrides) the run
-was trained with; a mismatch is reported from the stored shapes.
+`--ckpt DIR` reads the model config the folder records: `config.json` (a `zoo train` run folder)
+or `model_config.json` (`zoo convert --from-hf`), and its tokenizer: `tokenizer.json` (a BPE
+run) or UTF-8 bytes. `--preset` (and overrides) instead names the model explicitly, e.g. for a
+run folder written before config.json existed; a mismatch is reported from the stored shapes.
 
 Streaming: the compiled decode loop calls back to the host with each sampled token
 (jax.debug.callback, ordered); the command decodes the bytes incrementally and prints them as
@@ -21,8 +22,8 @@ import re
 import sys
 import time
 
-from zoo.cli import (add_model_overrides, flag as _flag, model_config, non_negative_float, non_negative_int,
-                     positive_float, positive_int)
+from zoo.cli import (MODEL_OVERRIDES, add_model_overrides, flag as _flag, model_config, non_negative_float,
+                     non_negative_int, positive_float, positive_int)
 
 
 def _unit_interval(text: str) -> float:
@@ -50,13 +51,15 @@ def add_parser(sub) -> None:
     import zoo
 
     g = sub.add_parser("generate", help="sample text from a preset or a trained checkpoint",
-                       description="Generate from a byte-level preset: random weights, or the params of a "
-                                   "`zoo train --checkpoint-dir` run (--ckpt, with the same --preset).")
-    g.add_argument("--preset", required=True,
-                   help=f"model preset (with --ckpt: the one the run was trained with); one of: "
-                        f"{', '.join(zoo.presets.names())}")
-    g.add_argument("--ckpt", default=None, help="a `zoo train --checkpoint-dir` directory (newest step)")
-    g.add_argument("--prompt", required=True, help="prompt text (UTF-8 bytes are the tokens)")
+                       description="Generate from a preset with random weights, or from the params of a "
+                                   "`zoo train --checkpoint-dir` run or a `zoo convert` checkpoint (--ckpt: "
+                                   "the folder's model config and tokenizer).")
+    g.add_argument("--preset", default=None,
+                   help=f"model preset (required without --ckpt; with --ckpt it replaces the folder's "
+                        f"config); one of: {', '.join(zoo.presets.names())}")
+    g.add_argument("--ckpt", default=None,
+                   help="a `zoo train --checkpoint-dir` folder or `zoo convert` checkpoint (newest step)")
+    g.add_argument("--prompt", required=True, help="prompt text (tokenized by the run's tokenizer: bytes or BPE)")
     g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--cache-len", type=positive_int, default=None,
                    help="decode cache length / compile bucket (default: the model's max_len)")
@@ -68,7 +71,7 @@ def add_parser(sub) -> None:
     g.add_argument("--frequency-penalty", type=_float, default=0.0, help="per occurrence (0 = off)")
     g.add_argument("--presence-penalty", type=_float, default=0.0, help="once per seen token (0 = off)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="sampling (and random init) seed")
-    g.add_argument("--stop", default=None, help="stop after this byte (a one-character string)")
+    g.add_argument("--stop", default=None, help="stop after this token (text that is one token, e.g. one byte)")
     g.add_argument("--beams", type=positive_int, default=None, help="beam search with N beams (no sampling)")
     g.add_argument("--length-penalty", type=_float, default=1.0, help="beam length penalty (default 1)")
     g.add_argument("--draft-preset", default=None,
@@ -116,36 +119,82 @@ def _load_params(args, parser, cfg):
     try:
         return manager.restore(steps[-1], args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     except (ValueError, KeyError, TypeError) as e:
-        parser.error(f"--ckpt: step {steps[-1]} of {args.ckpt!r} does not match --preset {args.preset!r} "
-                     f"(train with the same preset and overrides): {str(e).splitlines()[0][:300]}")
+        source = f"--preset {args.preset!r}" if args.preset else "the folder's model config"
+        parser.error(f"--ckpt: step {steps[-1]} of {args.ckpt!r} does not match {source} "
+                     f"(give the preset and overrides it was trained with): {str(e).splitlines()[0][:300]}")
     finally:
         manager.close()
+
+
+def _folder_config(args, parser):
+    """The model config recorded in the --ckpt folder (a `zoo train` run's config.json or a
+    `zoo convert` checkpoint's model_config.json)."""
+    import json
+    import os
+
+    from zoo import model
+    from zoo.commands.train import RUN_CONFIG_FILE
+    from zoo.config import ModelConfig
+    from zoo.convert import ckpt as zckpt
+
+    given = [_flag(k) for k in MODEL_OVERRIDES if getattr(args, k) is not None]
+    if given:
+        parser.error(f"{given[0]}: model overrides need --preset (--ckpt {args.ckpt!r} fixes the model)")
+    names = (RUN_CONFIG_FILE, zckpt.CONFIG_FILE)
+    path = next((os.path.join(args.ckpt, n) for n in names if os.path.isfile(os.path.join(args.ckpt, n))), None)
+    if path is None:
+        parser.error(f"--ckpt: {args.ckpt!r} holds neither {names[0]} (zoo train) nor {names[1]} (zoo convert); "
+                     f"give the --preset (and overrides) it was trained with")
+    try:
+        with open(path) as f:
+            cfg = zckpt.config_from_json(json.load(f))
+        model.family(cfg)
+    except (ValueError, TypeError, AttributeError, ImportError) as e:
+        parser.error(f"--ckpt: {path} is not a zoo model config ({str(e).splitlines()[0][:200]}); "
+                     f"a Hugging Face folder needs `zoo convert --from-hf` first")
+    if not isinstance(cfg, ModelConfig):
+        parser.error(f"--ckpt: {path} describes a {type(cfg).__name__}; this command needs a decoder (ModelConfig)")
+    return cfg
+
+
+def _tokenizer(args, parser, cfg):
+    """The --ckpt folder's tokenizer (tokenizer.json: BPE) or bytes, checked against the model."""
+    from zoo import tokenizer as ztok
+
+    try:
+        tokenizer = ztok.load(args.ckpt) if args.ckpt is not None else ztok.ByteTokenizer()
+    except (ztok.MissingDependencyError, ValueError) as e:
+        parser.error(f"--ckpt: {e}")
+    if cfg.vocab_size < tokenizer.vocab_size:
+        model = f"--preset {args.preset!r}" if args.preset else f"the model of {args.ckpt!r}"
+        parser.error(f"{'--preset' if args.preset else '--ckpt'}: {model} has vocab_size={cfg.vocab_size}; "
+                     f"the tokenizer ({tokenizer!r}) needs {tokenizer.vocab_size}")
+    return tokenizer
 
 
 def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import numpy as np
 
     import zoo
-    from zoo import beam, data, generate, quantize, speculative
+    from zoo import beam, generate, quantize, speculative
 
-    cfg = model_config(args, parser)
+    if args.preset is None and args.ckpt is None:
+        parser.error("--preset: required without --ckpt")
+    cfg = model_config(args, parser) if args.preset is not None else _folder_config(args, parser)
     sampling = _sampling(args, parser)
-    tokenizer = data.ByteTokenizer()
-    if cfg.vocab_size < tokenizer.vocab_size:
-        parser.error(f"--preset: {args.preset!r} has vocab_size={cfg.vocab_size}; byte prompts need "
-                     f"{tokenizer.vocab_size}")
+    tokenizer = _tokenizer(args, parser, cfg)
     prompt = tokenizer.encode(args.prompt)
     if prompt.size == 0:
         parser.error("--prompt: expected a non-empty prompt")
     cache_len = args.cache_len or cfg.max_len
     if prompt.size + args.max_new_tokens > cache_len:
-        parser.error(f"--prompt: {prompt.size} bytes + --max-new-tokens {args.max_new_tokens} exceeds the cache "
+        parser.error(f"--prompt: {prompt.size} tokens + --max-new-tokens {args.max_new_tokens} exceeds the cache "
                      f"length {cache_len} (--cache-len, default the model's max_len)")
     stops = []
     if args.stop is not None:
         stop_ids = tokenizer.encode(args.stop)
         if stop_ids.size != 1:
-            parser.error(f"--stop: expected one byte, got {args.stop!r} ({stop_ids.size} bytes)")
+            parser.error(f"--stop: expected text that is one token, got {args.stop!r} ({stop_ids.size} tokens)")
         stops = [int(stop_ids[0])]
     if args.beams and args.draft_preset:
         parser.error("--beams: cannot be combined with --draft-preset")
@@ -165,7 +214,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     params = _load_params(args, parser, cfg)
     if args.int8_weights:
         params = quantize.quantize_params(params, cfg)
-    report: dict = {"preset": args.preset, "prompt": args.prompt}
+    report: dict = {"preset": args.preset, "ckpt": args.ckpt, "prompt": args.prompt, "prompt_tokens": int(prompt.size)}
     t0 = time.perf_counter()
     if args.beams:
         res = beam.beam_search(params, prompt, cfg, beam_size=args.beams, max_new_tokens=args.max_new_tokens,
@@ -198,8 +247,8 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _stream(params, prompt, cfg, args, sampling, stops, cache_len, tokenizer):
-    """Run the decode loop with a host callback that prints each byte as it is sampled (unless
-    --json); -> (tokens, timings). The program is compiled first so the timings are of the run."""
+    """Run the decode loop with a host callback that prints each token's bytes as it is sampled
+    (unless --json); -> (tokens, timings). The program is compiled first so the timings are of the run."""
     import jax
     import jax.numpy as jnp
 
@@ -215,7 +264,7 @@ def _stream(params, prompt, cfg, args, sampling, stops, cache_len, tokenizer):
     def on_token(step, tokens_B, done_B):
         times.append(time.perf_counter())
         if not args.json and not bool(done_B[0]):
-            print(utf8.decode(bytes([int(tokens_B[0])])), end="", flush=True)
+            print(utf8.decode(tokenizer.piece(int(tokens_B[0]))), end="", flush=True)
 
     dyn = (params, jnp.asarray(prompt_BP), jnp.asarray(lens_B), jnp.int32(args.max_new_tokens),
            jnp.asarray(stops, jnp.int32).reshape(-1), jax.random.key(args.seed))

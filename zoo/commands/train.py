@@ -4,17 +4,28 @@ validation bits per byte (or task accuracy) and sample greedily.
     zoo train --preset llama-tiny --steps 300 --prompt "def "
     zoo train --data notes/ --optimizer muon --schedule wsd --metrics-jsonl run/metrics.jsonl
     zoo train --task mqar --seq-len 64 --steps 500
+    zoo train --tokenizer bpe --vocab-size 1024 --out runs/bpe     # BPE trained on the train split
+
+A run folder (--checkpoint-dir, alias --out) holds the checkpoints, metrics.jsonl, config.json
+(the model config, so `zoo generate --ckpt DIR` needs no --preset) and, for --tokenizer bpe,
+tokenizer.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import time
 
 from zoo.cli import (add_model_overrides, flag as _flag, model_config, non_negative_float,
                      non_negative_int, positive_float, positive_int)
+
+
+DEFAULT_BPE_VOCAB = 1024
+#: The run folder's model config (zoo.convert.ckpt's JSON encoding), read by `zoo generate --ckpt`.
+RUN_CONFIG_FILE = "config.json"
 
 
 def _fraction(text: str) -> float:
@@ -73,11 +84,18 @@ def add_parser(sub) -> None:
                       help="train on a synthetic task instead (loss only at the answer positions)")
     data.add_argument("--max-bytes", type=positive_int, default=None,
                       help="use only the first N bytes of the built-in corpus (default: all of it)")
+    data.add_argument("--tokenizer", choices=("bytes", "bpe"), default="bytes",
+                      help="bytes: UTF-8 bytes, vocabulary 256 (default); bpe: a byte-level BPE trained "
+                           "on the training split with Hugging Face tokenizers (pip install 'jax-zoo[bpe]'), "
+                           "saved as CHECKPOINT_DIR/tokenizer.json; the model's vocab_size follows it")
+    data.add_argument("--vocab-size", type=positive_int, default=None,
+                      help=f"--tokenizer bpe: vocabulary size, >= 258 (default {DEFAULT_BPE_VOCAB})")
     t.add_argument("--prompt", default="def ", help="sample prompt (default 'def ')")
     t.add_argument("--sample-tokens", type=non_negative_int, default=120,
                    help="greedy tokens to sample after training; 0 skips sampling (default 120)")
     out = t.add_argument_group("checkpoints and metrics")
-    out.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (orbax, atomic)")
+    out.add_argument("--checkpoint-dir", "--out", dest="checkpoint_dir", default=None,
+                     help="the run folder: checkpoints (orbax, atomic), config.json, tokenizer.json, metrics")
     out.add_argument("--save-every", type=non_negative_int, default=0,
                      help="checkpoint every N steps and at the end (default: only at the end)")
     out.add_argument("--keep-last", type=positive_int, default=3, help="checkpoints kept (default 3)")
@@ -139,81 +157,172 @@ def _task_data(args, parser, cfg):
             tasks.Sampler(task, args.batch_size, args.seed + 1_000_003), task)
 
 
-def _document_data(args, parser, val_fraction: float):
-    """(train sampler, validation sampler or None, description) for --data PATH."""
-    from zoo import packing
+def _document_data(args, parser, val_fraction: float, tokenizer_for=None):
+    """(train sampler, validation sampler or None, description, tokenizer) for --data PATH.
+    tokenizer_for: None (bytes), or a function of the training documents' texts giving the
+    tokenizer (`zoo train` trains a BPE on them: never on the validation documents)."""
+    from zoo import data, packing
 
     try:
         docs = packing.read_documents(args.data, jsonl_field=args.jsonl_field)
         train_docs, val_docs = packing.split_documents(docs, val_fraction)
+    except (OSError, ValueError) as e:
+        parser.error(f"--data: {e}")
+    n_bytes = sum(len(d) for d in docs)
+    tokenizer, counts = data.ByteTokenizer(), f"{n_bytes:,} bytes"
+    if tokenizer_for is not None:
+        texts = lambda ds: [d.decode("utf-8", errors="replace") for d in ds]  # noqa: E731
+        tokenizer = tokenizer_for(texts(train_docs))
+        train_docs = [tokenizer.encode(t) for t in texts(train_docs)]
+        val_docs = [tokenizer.encode(t) for t in texts(val_docs)]
+        n_tokens = sum(len(d) for d in train_docs + val_docs)
+        counts += f", {n_tokens:,} BPE tokens: {n_bytes / max(1, n_tokens):.2f} bytes per token"
+    try:
         sampler = packing.PackedSampler(train_docs, args.batch_size, args.seq_len, args.seed)
     except (OSError, ValueError) as e:
         parser.error(f"--data: {e}")
     val = None
     if sum(len(d) for d in val_docs) > args.seq_len:
         val = packing.PackedSampler(val_docs, args.batch_size, args.seq_len, args.seed)
-    n_bytes = sum(len(d) for d in docs)
-    return sampler, val, f"{len(docs):,} documents ({n_bytes:,} bytes) from {args.data}"
+    return sampler, val, f"{len(docs):,} documents ({counts}) from {args.data}", tokenizer
+
+
+def _corpus_data(args, parser, val_fraction: float, tokenizer_for=None):
+    """(train tokens, validation tokens or None, description, tokenizer) for the built-in corpus.
+    Bytes (tokenizer_for None): the whole corpus (zoo.train holds out its tail). Otherwise the
+    corpus is split first and tokenizer_for(training text) gives the tokenizer, so a BPE never
+    sees the validation text."""
+    from zoo import data
+
+    raw = data.builtin_corpus(args.max_bytes)
+    min_bytes = int((args.seq_len + 1) / (1 - val_fraction)) + 2
+    if len(raw) < min_bytes:
+        parser.error(f"--max-bytes: {len(raw)} bytes is too little for --seq-len {args.seq_len}")
+    desc = f"corpus {len(raw):,} bytes of Python stdlib source"
+    if tokenizer_for is None:
+        return raw, None, desc, data.ByteTokenizer()
+    train_text, val_text = (b.decode("utf-8", errors="replace") for b in data.split(raw, val_fraction))
+    tokenizer = tokenizer_for(train_text)
+    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+    if len(train_ids) < args.seq_len + 1:
+        parser.error(f"--max-bytes: {len(raw)} bytes make {len(train_ids)} BPE training tokens, too few for "
+                     f"--seq-len {args.seq_len}")
+    n = len(train_ids) + len(val_ids)
+    return train_ids, val_ids, f"{desc} as {n:,} BPE tokens ({len(raw) / n:.2f} bytes per token)", tokenizer
+
+
+def _train_bpe(args, parser, texts):
+    from zoo import tokenizer as ztok
+
+    t0 = time.perf_counter()
+    try:
+        tokenizer = ztok.BPETokenizer.train(texts, args.vocab_size or DEFAULT_BPE_VOCAB)
+    except ValueError as e:
+        parser.error(f"--vocab-size: {e}")
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens on the training split "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return tokenizer
+
+
+def _write_run_files(args, parser, run_cfg, tokenizer) -> None:
+    """config.json (and tokenizer.json for a BPE) into the run folder, refusing to overwrite
+    those of another run (a resumed run finds its own, equal files)."""
+    from zoo import tokenizer as ztok
+    from zoo.convert import ckpt as zckpt
+
+    folder = args.checkpoint_dir
+    os.makedirs(folder, exist_ok=True)
+    config = zckpt.config_to_json(run_cfg)
+    files = {RUN_CONFIG_FILE: (config, lambda f: json.load(f))}
+    if isinstance(tokenizer, ztok.BPETokenizer):
+        files[ztok.TOKENIZER_FILE] = (tokenizer, lambda f: ztok.BPETokenizer.load(f.name))
+    elif os.path.isfile(os.path.join(folder, ztok.TOKENIZER_FILE)):
+        parser.error(f"--tokenizer: {folder!r} holds a BPE run ({ztok.TOKENIZER_FILE}); "
+                     f"use --tokenizer bpe to resume it, or a new folder")
+    for name, (value, read) in files.items():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                if read(f) != value:
+                    parser.error(f"--checkpoint-dir: {folder!r} holds another run ({name} differs: other "
+                                 f"preset, overrides, precision or tokenizer); use a new folder")
+    with open(os.path.join(folder, RUN_CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=1)
+    if isinstance(tokenizer, ztok.BPETokenizer):
+        tokenizer.save(os.path.join(folder, ztok.TOKENIZER_FILE))
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import dataclasses
+
     import jax
     import numpy as np
 
     from sharding import cli as sharding_cli
     from zoo import data, generate, tasks, train
+    from zoo import tokenizer as ztok
 
     mesh, rules = sharding_cli.setup(args, parser)  # first: jax.distributed precedes any device use
     cfg = model_config(args, parser)
     platform = jax.devices()[0].platform
     precision = args.precision or ("fp32" if platform == "cpu" else "bf16")
     tcfg = _train_config(args, parser, precision)
-    tokenizer = data.ByteTokenizer()
-    if args.task is None and cfg.vocab_size < tokenizer.vocab_size:
+    bpe = args.tokenizer == "bpe"
+    if args.vocab_size is not None and not bpe:
+        parser.error("--vocab-size: only with --tokenizer bpe (the byte vocabulary is 256)")
+    if bpe:
+        if args.task is not None:
+            parser.error("--tokenizer: bpe tokenizes text; --task has its own vocabulary")
+        try:
+            ztok.check_bpe_available()
+        except ztok.MissingDependencyError as e:
+            parser.error(f"--tokenizer: {e}")
+    elif args.task is None and cfg.vocab_size < data.ByteTokenizer.vocab_size:
         parser.error(f"--preset: {args.preset!r} has vocab_size={cfg.vocab_size}; byte-level text "
-                     f"needs {tokenizer.vocab_size}")
+                     f"needs {data.ByteTokenizer.vocab_size}")
     if args.seq_len > cfg.max_len:
         parser.error(f"--seq-len: {args.seq_len} exceeds the model's max_len={cfg.max_len}")
     if args.task is not None and args.data != "stdlib":
         parser.error("--task: give either --task or --data, not both")
     sample = args.sample_tokens if args.task is None else 0
-    prompt_ids = tokenizer.encode(args.prompt)
-    if sample:
-        if prompt_ids.size == 0:
-            parser.error("--prompt: expected a non-empty prompt to sample from")
-        if prompt_ids.size + sample > cfg.max_len:
-            parser.error(f"--sample-tokens: prompt ({prompt_ids.size} bytes) + {sample} tokens "
-                         f"exceeds the model's max_len={cfg.max_len}")
+    if sample and not args.prompt:
+        parser.error("--prompt: expected a non-empty prompt to sample from")
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume: needs --checkpoint-dir")
     if args.save_every and args.checkpoint_dir is None:
         parser.error("--save-every: needs --checkpoint-dir")
 
-    task = None
+    task, tokenizer = None, data.ByteTokenizer()
+    tokenizer_for = (lambda texts: _train_bpe(args, parser, texts)) if bpe else None
     if args.task is not None:
         train_data, val_data, task = _task_data(args, parser, cfg)
         desc = f"task {args.task}: {task}"
     elif args.data != "stdlib":
-        train_data, val_data, desc = _document_data(args, parser, tcfg.val_fraction)
+        train_data, val_data, desc, tokenizer = _document_data(args, parser, tcfg.val_fraction, tokenizer_for)
     else:
-        train_data, val_data = data.builtin_corpus(args.max_bytes), None
-        min_bytes = int((args.seq_len + 1) / 0.95) + 2
-        if len(train_data) < min_bytes:
-            parser.error(f"--max-bytes: {len(train_data)} bytes is too little for --seq-len {args.seq_len}")
-        desc = f"corpus {len(train_data):,} bytes of Python stdlib source"
+        train_data, val_data, desc, tokenizer = _corpus_data(args, parser, tcfg.val_fraction, tokenizer_for)
+    if bpe:
+        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if sample and prompt_ids.size + sample > cfg.max_len:
+        parser.error(f"--sample-tokens: prompt ({prompt_ids.size} tokens) + {sample} tokens "
+                     f"exceeds the model's max_len={cfg.max_len}")
+    if args.checkpoint_dir is not None and jax.process_index() == 0:
+        _write_run_files(args, parser, train.with_precision(cfg, precision), tokenizer)
     metrics_jsonl = args.metrics_jsonl
     if metrics_jsonl is None and args.checkpoint_dir is not None:
         # orbax lists only its numbered step directories, so a file beside them is safe
         metrics_jsonl = os.path.join(args.checkpoint_dir, "metrics.jsonl")
     print(f"preset {args.preset}: d_model={cfg.d_model} n_layers={cfg.n_layers} max_len={cfg.max_len} "
-          f"on {platform} ({precision}); {desc}")
+          f"vocab_size={cfg.vocab_size} on {platform} ({precision}); {desc}")
     t0 = time.perf_counter()
     try:
         params, _history = train.train(cfg, tcfg, data=train_data, val_data=val_data,
                                        checkpoint_dir=args.checkpoint_dir, save_every=args.save_every,
-                                       keep_last=args.keep_last, keep_best=args.keep_best, resume=args.resume, metrics_jsonl=metrics_jsonl,
-                                       tensorboard_dir=args.tensorboard, peak_flops=args.peak_flops,
-                                       mesh=mesh, rules=rules)
+                                       keep_last=args.keep_last, keep_best=args.keep_best, resume=args.resume,
+                                       metrics_jsonl=metrics_jsonl, tensorboard_dir=args.tensorboard,
+                                       peak_flops=args.peak_flops, mesh=mesh, rules=rules,
+                                       token_bytes=tokenizer.token_bytes() if bpe else None)
     except train.NonFiniteLossError as e:
         print(f"error: {e}")
         return 1
