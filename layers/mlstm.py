@@ -190,7 +190,11 @@ def _block(q_BTHK, k_BTHK, v_BTHV, i_BTH, logf_BTH, starts_BT, C_BHKV, n_BHK, m_
     allowed_BTS = (t_T[None, :, None] >= t_T[None, None, :]) & (doc_BT[:, :, None] == doc_BT[:, None, :])
     # Mask before exp: entries above the diagonal can be large and positive.
     logD_BHTS = jnp.where(allowed_BTS[:, None], logD_BHTS, -jnp.inf)
-    m_BHT = jnp.maximum(base_BTH.transpose(0, 2, 1), jnp.max(logD_BHTS, axis=-1))
+    # The row max is read at its argmax: reduce_max's derivative compares the operand with the
+    # max, and XLA may recompute logD in fusions that round differently (no match: a wrong
+    # gradient under jit, NaN unoptimised). A gather has no such comparison.
+    rowmax_BHT = jnp.take_along_axis(logD_BHTS, jnp.argmax(logD_BHTS, axis=-1)[..., None], axis=-1)[..., 0]
+    m_BHT = jnp.maximum(base_BTH.transpose(0, 2, 1), rowmax_BHT)
     W_BHTS = jnp.exp(logD_BHTS - m_BHT[:, :, :, None])
     g_BHT = jnp.where(first_BT1[:, :, 0][:, None, :],
                       jnp.exp(base_BTH.transpose(0, 2, 1) - m_BHT), 0.0)

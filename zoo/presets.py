@@ -151,6 +151,13 @@ def xlstm(*, vocab_size, d_model, n_layers, max_len, n_heads, slstm_at=(1,), gro
                         max_len=max_len, final_norm=norm), extra)
 
 
+def xlstm7b(**kwargs) -> ModelConfig:
+    """xLSTM-7B (transformers' xLSTM): pre-RMSNorm mLSTM (layers.mlstm_large) + SwiGLU blocks,
+    soft-capped gates and logits; built where its converter lives (zoo.convert.xlstm)."""
+    from zoo.convert.xlstm import model_config
+    return model_config(**kwargs)
+
+
 def hybrid(*, vocab_size, d_model, n_layers, max_len, n_heads, n_kv_heads, d_ff, attn_every=4,
            moe: dict | None = None, **extra) -> ModelConfig:
     """Jamba-like: one attention block per `attn_every` blocks, the rest Mamba; every block has a
@@ -280,6 +287,7 @@ register("qwen-moe-tiny", moe_llama, **_TINY, n_heads=4, n_kv_heads=2,
 
 register("hybrid-tiny", hybrid, **{**_TINY, "n_layers": 8}, n_heads=4, n_kv_heads=2, d_ff=128)
 register("xlstm-tiny", xlstm, **{**_TINY, "n_layers": 8}, n_heads=4)
+register("xlstm7b-tiny", xlstm7b, **_TINY, n_heads=4, chunk_size=16)
 register("mingru-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinGRUConfig", expand=1.5),
          ffn=_mlp(4, "gelu", gated=False))
 register("minlstm-tiny", recurrent, **{**_TINY, "n_layers": 3}, mixer=_lazy("layers.mingru", "MinLSTMConfig", expand=1.5),
@@ -328,3 +336,4 @@ register("t5-base", t5, vocab_size=32128, d_model=768, n_layers=12, n_heads=12, 
 register("bart-base", bart, vocab_size=50265, d_model=768, n_layers=6, n_heads=12, d_ff=3072, max_len=1024)
 register("gemma2-2b", gemma2, vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4,
          head_dim=256, d_ff=9216, max_len=8192, sliding_window=4096, query_pre_attn_scalar=256)
+register("xlstm-7b", xlstm7b, vocab_size=50304, d_model=4096, n_layers=32, n_heads=8, max_len=8192)

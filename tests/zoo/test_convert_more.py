@@ -228,7 +228,7 @@ def _write_config(folder, **config):
           feed_forward_proj="gated-gelu-x"), "feed_forward_proj"),
     (dict(model_type="bart", vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=32), "decoder_ffn_dim=32"),
-    (dict(model_type="xlstm", qk_dim_factor=0.5, v_dim_factor=1.0), "qk_dim_factor=0.5"),
+    (dict(model_type="xlstm", use_bias=True), "use_bias=True"),
     (dict(model_type="recurrent_gemma", vocab_size=V, hidden_size=32, intermediate_size=96, num_hidden_layers=3,
           num_attention_heads=4, block_types=["recurrent", "mlp"]), "block_types='mlp'"),
 ])
