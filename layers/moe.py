@@ -21,8 +21,8 @@ Routers (all router math is fp32):
   switch    Switch Transformer: top-1 of the softmax, weighted by that probability.
 
 Group-limited routing (DeepSeek): experts are split into n_groups groups; each group is scored
-by the sum of its two best selection scores; only experts in the topk_groups best groups can be
-picked.
+by the sum of its two best selection scores (V3, `group_score="top2_sum"`) or by its best one
+(V2's group_limited_greedy, `"max"`); only experts in the topk_groups best groups can be picked.
 
 `apply` returns (y, aux) with the balance statistics; `forward` / `init_state` / `step` give the
 layer the mixer protocol with an empty state, and `forward_with_aux` exposes aux to the model.
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 ROUTERS = ("softmax", "sigmoid", "switch")
 DISPATCHES = ("dropless", "capacity")
+GROUP_SCORES = ("top2_sum", "max")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +62,8 @@ class MoEConfig:
     n_groups: expert groups for group-limited routing (1 = off); must divide n_experts.
     topk_groups: groups a token may pick its experts from; topk_groups * n_experts / n_groups
       must be >= top_k.
+    group_score: how a group is ranked: "top2_sum" (its two best selection scores, DeepSeek-V3)
+      or "max" (its best one, DeepSeek-V2). Read only when n_groups > 1.
     dispatch: "dropless" (grouped matmul, nothing dropped) or "capacity" (fixed buffers, drops).
     capacity_factor: capacity dispatch only: each expert's buffer holds
       ceil(capacity_factor * tokens * top_k / n_experts) assignments.
@@ -88,6 +91,7 @@ class MoEConfig:
     routed_scaling: float = 1.0
     n_groups: int = 1
     topk_groups: int = 1
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25
     n_shared_experts: int = 0
@@ -109,6 +113,7 @@ class MoEConfig:
         checks.positive(own, "topk_groups", self.topk_groups)
         checks.one_of(own, "router", self.router, ROUTERS)
         checks.one_of(own, "dispatch", self.dispatch, DISPATCHES)
+        checks.one_of(own, "group_score", self.group_score, GROUP_SCORES)
         checks.one_of(own, "activation", self.activation, tuple(mlp.ACTIVATIONS))
         if self.top_k > self.n_experts:
             checks.fail(own, "top_k", f"<= n_experts={self.n_experts}", self.top_k)
@@ -203,9 +208,10 @@ def route(params: dict, x_TD: "Float[Array, 'T D']", cfg: MoEConfig):
         probs_TE = scores_TE
     T = x_TD.shape[0]
     if G > 1:
-        # Group-limited routing: keep the topk_groups groups whose two best experts score highest.
+        # Group-limited routing: keep the topk_groups groups whose best (two) experts score highest.
         select_TGN = select_TE.reshape(T, G, E // G)
-        _, groups_TK = jax.lax.top_k(_top2_sum(select_TGN), cfg.topk_groups)
+        group_TG = jnp.max(select_TGN, axis=-1) if cfg.group_score == "max" else _top2_sum(select_TGN)
+        _, groups_TK = jax.lax.top_k(group_TG, cfg.topk_groups)
         keep_TG = jnp.any(jax.nn.one_hot(groups_TK, G, dtype=jnp.bool_), axis=1)
         select_TE = jnp.where(keep_TG[:, :, None], select_TGN, -jnp.inf).reshape(T, E)
     _, experts_TK = jax.lax.top_k(select_TE, K)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from jaxtyping import Array, Float, Int
 
 _LAYOUTS = ("half", "interleaved")
-_SCALINGS = (None, "linear", "dynamic", "yarn", "llama3")
+_SCALINGS = (None, "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,13 +39,18 @@ class RopeConfig:
     low_freq_factor, high_freq_factor: llama3 wavelength thresholds (original_max_len / factor).
     beta_fast, beta_slow: yarn rotation counts bounding the interpolation ramp.
     attention_factor: yarn multiplier on cos and sin; None means 0.1 * ln(factor) + 1. Models that
-      derive it from mscale / mscale_all_dim (DeepSeek) pass the resulting value here.
+      derive it from mscale / mscale_all_dim (DeepSeek) pass the resulting value here. For
+      longrope, None means sqrt(1 + ln(factor) / ln(original_max_len)) (1 when factor is 1).
+    short_factor, long_factor: longrope (Phi-3) per-pair divisors of the plain frequencies, one per
+      rotated pair (rot_dim / 2 each). A call whose largest position + 1 exceeds original_max_len
+      uses long_factor, otherwise short_factor, for every token of the call (as transformers does):
+      decoding past the boundary keeps the short-factor rotation of keys already in the cache.
     """
 
     theta: float = 10000.0
     layout: Literal["half", "interleaved"] = "half"
     fraction: float = 1.0
-    scaling: Literal[None, "linear", "dynamic", "yarn", "llama3"] = None
+    scaling: Literal[None, "linear", "dynamic", "yarn", "llama3", "longrope"] = None
     factor: float = 1.0
     original_max_len: int = 2048
     low_freq_factor: float = 1.0
@@ -53,6 +58,8 @@ class RopeConfig:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self):
         owner = "RopeConfig"
@@ -78,6 +85,20 @@ class RopeConfig:
                 checks.fail(owner, "beta_slow", "a positive float", self.beta_slow)
             if self.attention_factor is not None and not self.attention_factor > 0:
                 checks.fail(owner, "attention_factor", "a positive float or None", self.attention_factor)
+        if self.scaling == "longrope":
+            for name in ("short_factor", "long_factor"):
+                value = getattr(self, name)
+                # A tuple keeps the config hashable (it is a static jit argument).
+                if not (isinstance(value, tuple) and value and all(
+                        isinstance(v, (int, float)) and v > 0 for v in value)):
+                    checks.fail(owner, name, "a non-empty tuple of positive floats with scaling='longrope'", value)
+            if len(self.short_factor) != len(self.long_factor):
+                checks.fail(owner, "long_factor", f"{len(self.short_factor)} entries, as short_factor has",
+                            len(self.long_factor))
+            if self.attention_factor is not None and not self.attention_factor > 0:
+                checks.fail(owner, "attention_factor", "a positive float or None", self.attention_factor)
+        elif self.short_factor is not None or self.long_factor is not None:
+            checks.fail(owner, "short_factor", "None unless scaling='longrope'", self.short_factor)
 
 
 def rotary_dim(cfg: RopeConfig, head_dim: int) -> int:
@@ -118,12 +139,34 @@ def _llama3_inv_freq(cfg: RopeConfig, inv_R2: np.ndarray) -> np.ndarray:
     )
 
 
+def _longrope_inv_freq(cfg: RopeConfig, inv_R2: np.ndarray, seq_len: Any) -> tuple[Any, float]:
+    half = inv_R2.shape[0]
+    for name in ("short_factor", "long_factor"):
+        if len(getattr(cfg, name)) != half:
+            raise ValueError(f"RopeConfig.{name}: expected {half} entries (rot_dim / 2), "
+                             f"got {len(getattr(cfg, name))}")
+    short_R2 = jnp.asarray((inv_R2 / np.asarray(cfg.short_factor, np.float64)).astype(np.float32))
+    long_R2 = jnp.asarray((inv_R2 / np.asarray(cfg.long_factor, np.float64)).astype(np.float32))
+    if cfg.attention_factor is not None:
+        multiplier = float(cfg.attention_factor)
+    elif cfg.factor > 1:
+        multiplier = math.sqrt(1.0 + math.log(cfg.factor) / math.log(cfg.original_max_len))
+    else:
+        multiplier = 1.0
+    if seq_len is None:
+        return short_R2, multiplier
+    # seq_len may be traced (decoding), so the choice is a select, not a Python branch.
+    return jnp.where(jnp.asarray(seq_len) > cfg.original_max_len, long_R2, short_R2), multiplier
+
+
 def inv_frequencies(cfg: RopeConfig, rot_dim: int, seq_len: Any = None) -> tuple["Float[Array, 'R2']", float]:
     """Inverse frequencies [rot_dim // 2] (float32) and the multiplier applied to cos and sin.
 
-    `seq_len` (a Python int or a traced int scalar) is read by "dynamic" NTK scaling only: beyond
-    original_max_len the base grows to theta * (factor * seq_len / original_max_len - (factor - 1))
-    ** (rot_dim / (rot_dim - 2)); up to it the plain frequencies are returned.
+    `seq_len` (a Python int or a traced int scalar) is read by "dynamic" and "longrope" only.
+    dynamic: beyond original_max_len the base grows to theta * (factor * seq_len / original_max_len
+    - (factor - 1)) ** (rot_dim / (rot_dim - 2)); up to it the plain frequencies are returned.
+    longrope: plain frequencies divided by long_factor when seq_len > original_max_len, else (and
+    when seq_len is None) by short_factor.
     """
     if not isinstance(rot_dim, (int, np.integer)) or rot_dim < 2 or rot_dim % 2:
         raise ValueError(f"inv_frequencies: rot_dim must be an even integer >= 2, got {rot_dim!r}")
@@ -141,6 +184,8 @@ def inv_frequencies(cfg: RopeConfig, rot_dim: int, seq_len: Any = None) -> tuple
             multiplier = 0.1 * math.log(cfg.factor) + 1.0
     elif cfg.scaling == "llama3":
         inv_R2 = _llama3_inv_freq(cfg, inv_R2)
+    elif cfg.scaling == "longrope":
+        return _longrope_inv_freq(cfg, inv_R2, seq_len)
     inv_R2 = jnp.asarray(inv_R2.astype(np.float32))
 
     if cfg.scaling == "dynamic" and seq_len is not None:
@@ -163,8 +208,8 @@ def apply_rope(x_BLHK: "Float[Array, 'B L H K']", pos_BL: "Int[Array, 'B L']", *
     """Rotate the first rot_dim dims of each head by angle pos * inv_freq.
 
     The rotation is computed in float32 and the result returned in x's dtype; pass-through dims
-    (partial rotary) are returned untouched. For "dynamic" scaling the frequencies follow
-    seq_len = max(pos_BL) + 1, so they change once decoding passes original_max_len.
+    (partial rotary) are returned untouched. For "dynamic" and "longrope" scaling the frequencies
+    follow seq_len = max(pos_BL) + 1, so they change once decoding passes original_max_len.
     """
     # Floating check by jnp: NumPy does not count bfloat16 as np.floating.
     checks.array("x_BLHK", x_BLHK, rank=4)
@@ -175,7 +220,7 @@ def apply_rope(x_BLHK: "Float[Array, 'B L H K']", pos_BL: "Int[Array, 'B L']", *
     R = rotary_dim(cfg, K)
     half = R // 2
 
-    seq_len = jnp.max(pos_BL) + 1 if cfg.scaling == "dynamic" else None
+    seq_len = jnp.max(pos_BL) + 1 if cfg.scaling in ("dynamic", "longrope") else None
     inv_R2, multiplier = inv_frequencies(cfg, R, seq_len)
     angle_BLR2 = pos_BL.astype(jnp.float32).reshape(B, L, 1) * inv_R2.reshape(1, 1, half)
     # One angle per (token, pair), shared by all heads.

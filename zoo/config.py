@@ -75,6 +75,8 @@ class ModelConfig:
       final_norm: norm before the unembedding.
       final_logit_softcap: logits become cap * tanh(logits / cap) (Gemma 2).
       embed_scale: multiply embeddings by this (Gemma: sqrt(d_model)); None for 1.
+      embed_norm: a norm (with its own parameters) applied to the embeddings, after embed_scale
+        and absolute positions, before the first block (RWKV-4's ln0); None for none.
       dtype: compute dtype name; params are stored in param_dtype.
       param_dtype: storage dtype name of the parameters.
       scan_layers: run the repeats with lax.scan (compile time independent of depth);
@@ -94,6 +96,7 @@ class ModelConfig:
     final_norm: NormConfig = NormConfig()
     final_logit_softcap: float | None = None
     embed_scale: float | None = None
+    embed_norm: NormConfig | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -124,6 +127,8 @@ class ModelConfig:
         checks.one_of(name, "remat", self.remat, REMAT_POLICIES)
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             checks.fail(name, "final_logit_softcap", "a positive float or None", self.final_logit_softcap)
+        if self.embed_norm is not None and not isinstance(self.embed_norm, NormConfig):
+            checks.fail(name, "embed_norm", "a NormConfig or None", self.embed_norm)
 
     @property
     def n_repeats(self) -> int:

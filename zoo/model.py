@@ -122,6 +122,8 @@ def decoder_param_specs(cfg: ModelConfig) -> dict:
     }
     if cfg.prefix:
         specs["prefix"] = tuple(blocks.param_specs(b, D) for b in cfg.prefix)
+    if cfg.embed_norm is not None:
+        specs["embed_norm"] = norms.param_specs(cfg.embed_norm, D)
     if cfg.position == "learned":
         specs["pos"] = pos_lib.learned_param_specs(cfg.max_len, D, cfg.init_std)
     return _cast_specs(specs, cfg.param_dtype)
@@ -224,6 +226,8 @@ def _forward(params, tokens_BL, cfg: ModelConfig, state=None, positions_BL=None,
         x_BLD = x_BLD + pos_lib.learned(params["pos"], positions_BL, dtype)
     elif cfg.position == "sinusoidal":
         x_BLD = x_BLD + pos_lib.sinusoidal(positions_BL, cfg.d_model, dtype=dtype)
+    if cfg.embed_norm is not None:
+        x_BLD = norms.forward(params["embed_norm"], x_BLD, cfg=cfg.embed_norm)
     aux = {}
     if cfg.prefix:
         x_BLD, prefix_states, aux["prefix"] = run_prefix(params["prefix"], x_BLD, cfg.prefix,

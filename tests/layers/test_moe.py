@@ -222,6 +222,41 @@ def test_router_group_limited_hand_made():
     np.testing.assert_allclose(np.asarray(w)[0], [0.5, 0.5], rtol=1e-6)
 
 
+def _ref_group_max_route(logits_TE, n_groups, topk_groups, top_k, scaling):
+    """DeepSeek-V2 group_limited_greedy, token by token in float64: softmax scores, each group
+    ranked by its best expert, the best topk_groups groups kept, greedy top-k inside them."""
+    experts, weights = [], []
+    for row in np.asarray(logits_TE, np.float64):
+        s = np.exp(row - row.max())
+        s /= s.sum()
+        per = len(s) // n_groups
+        best = sorted(range(n_groups), key=lambda g: -s[g * per:(g + 1) * per].max())[:topk_groups]
+        allowed = [e for e in range(len(s)) if e // per in best]
+        pick = sorted(allowed, key=lambda e: -s[e])[:top_k]
+        experts.append(pick)
+        weights.append([scaling * s[e] for e in pick])
+    return np.array(experts), np.array(weights)
+
+
+def test_router_group_max_matches_reference():
+    # 16 experts in 4 groups of 4, pick 3 from the 2 best groups; random logits on many tokens
+    # so that the max rule and the top-2-sum rule disagree on some of them.
+    E, G = 16, 4
+    cfg = MoEConfig(d_model=E, d_ff=F, n_experts=E, top_k=3, router="softmax", renormalize=False,
+                    routed_scaling=2.0, n_groups=G, topk_groups=2, group_score="max")
+    logits = np.random.default_rng(7).normal(0.0, 2.0, (64, E)).astype(np.float32)
+    # route reads only the router (D = E, identity), so no expert weights are initialised.
+    params, x = {"router_DE": jnp.eye(E, dtype=jnp.float32)}, jnp.asarray(logits)
+    w, e, _, _ = _route(params, x, cfg)
+    want_e, want_w = _ref_group_max_route(logits, G, 2, 3, 2.0)
+    np.testing.assert_array_equal(np.asarray(e), want_e)
+    np.testing.assert_allclose(np.asarray(w), want_w, rtol=1e-5)
+    top2 = np.asarray(_route(params, x, dataclasses.replace(cfg, group_score="top2_sum"))[1])
+    assert np.any(np.sort(top2, 1) != np.sort(want_e, 1))
+    with pytest.raises(ConfigError, match="group_score"):
+        dataclasses.replace(cfg, group_score="mean")
+
+
 def test_load_balance_loss_uniform_collapsed_and_formula():
     E = 4
     cfg = MoEConfig(d_model=E, d_ff=F, n_experts=E, top_k=1)

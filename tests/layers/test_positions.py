@@ -303,6 +303,61 @@ def test_rope_jit_matches_eager():
                                atol=1e-6, rtol=1e-6)
 
 
+_SHORT = (1.0, 1.25, 1.6, 2.0, 2.9, 4.1, 5.5, 7.0)
+_LONG = (1.1, 2.0, 3.5, 6.0, 11.0, 19.0, 30.0, 47.0)
+
+
+def test_apply_rope_longrope_picks_factors_by_max_position():
+    # One factor set per call: short while max(pos) + 1 <= original_max_len, long beyond.
+    cfg = RopeConfig(scaling="longrope", factor=8.0, original_max_len=16, short_factor=_SHORT, long_factor=_LONG)
+    B, L, H, K = 2, 5, 2, 16
+    x = rand(31, (B, L, H, K))
+    mult = math.sqrt(1 + math.log(8.0) / math.log(16))
+    plain = ref_plain(10000.0, K)
+    within = rand_pos(32, (B, L), 16).at[0, 1].set(15)  # seq_len 16: still short
+    want = ref_rope(x, within, [f / s for f, s in zip(plain, _SHORT)], layout="half", rot_dim=K, mult=mult)
+    np.testing.assert_allclose(rope(x, within, cfg=cfg), want, atol=2e-5, rtol=1e-5)
+    beyond = within.at[1, 3].set(16)  # seq_len 17: long, for every token of the call
+    want = ref_rope(x, beyond, [f / s for f, s in zip(plain, _LONG)], layout="half", rot_dim=K, mult=mult)
+    np.testing.assert_allclose(rope(x, beyond, cfg=cfg), want, atol=2e-5, rtol=1e-5)
+    # An explicit attention factor wins; factor 1 means no scaling of cos and sin.
+    for kw, m in (({"attention_factor": 0.7}, 0.7), ({"factor": 1.0}, 1.0)):
+        assert positions.inv_frequencies(dataclasses.replace(cfg, **kw), K)[1] == pytest.approx(m)
+
+
+def test_inv_frequencies_longrope_matches_transformers():
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rp = dict(rope_type="longrope", rope_theta=500000.0, original_max_position_embeddings=32,
+              short_factor=list(_SHORT), long_factor=list(_LONG))
+    for extra, factor in (({}, 128 / 32), ({"factor": 2.0, "attention_factor": 1.3}, 2.0)):
+        hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=128,
+                                      rope_parameters={**rp, **extra})
+        cfg = RopeConfig(theta=500000.0, scaling="longrope", factor=factor, original_max_len=32, short_factor=_SHORT,
+                         long_factor=_LONG, attention_factor=extra.get("attention_factor"))
+        for seq_len in (None, 32, 33, 100):
+            want, want_mult = ROPE_INIT_FUNCTIONS["longrope"](hf, None, seq_len=seq_len)
+            got, mult = positions.inv_frequencies(cfg, 16, seq_len)
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+            assert mult == pytest.approx(want_mult, rel=1e-12)
+
+
+def test_longrope_config_validates():
+    kw = dict(scaling="longrope", factor=2.0, short_factor=_SHORT, long_factor=_LONG)
+    with pytest.raises(ConfigError, match=r"RopeConfig\.short_factor"):
+        RopeConfig(**{**kw, "short_factor": None})
+    with pytest.raises(ConfigError, match=r"RopeConfig\.short_factor"):
+        RopeConfig(**{**kw, "short_factor": list(_SHORT)})  # a list would make the config unhashable
+    with pytest.raises(ConfigError, match=r"RopeConfig\.long_factor"):
+        RopeConfig(**{**kw, "long_factor": _LONG[:4]})
+    with pytest.raises(ConfigError, match=r"RopeConfig\.short_factor"):
+        RopeConfig(short_factor=_SHORT)  # factors without longrope
+    with pytest.raises(ValueError, match=r"short_factor: expected 4 entries"):
+        positions.inv_frequencies(RopeConfig(**kw), 8)
+
+
 @pytest.mark.parametrize("kw,field", [
     ({"theta": 0.0}, "theta"),
     ({"theta": -5.0}, "theta"),

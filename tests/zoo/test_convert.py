@@ -85,7 +85,7 @@ CASES = {
                                                    num_attention_heads=4, intermediate_size=64,
                                                    max_position_embeddings=64), None),
 }
-IMPORT_ONLY = ("rwkv",)  # the embedding LayerNorm is folded into the table
+IMPORT_ONLY = ()  # RWKV-4's embedding LayerNorm is ModelConfig.embed_norm, so it exports too
 DEFAULT = ("llama-llama3", "gemma2", "mamba2")
 GREEDY_DEFAULT = ("mistral",)
 
@@ -193,10 +193,10 @@ def _write_config(folder, **config):
     (dict(_MAMBA, model_type="mamba2", num_heads=8, head_dim=8, time_step_limit=[0.0, 1.0]), "time_step_limit"),
     (dict(_LLAMA, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
           shared_expert_intermediate_size=24), "shared_expert_intermediate_size=24"),
-    (dict(_LLAMA, model_type="llama", rope_parameters=dict(rope_type="longrope", rope_theta=1e4)),
-     "rope_parameters.rope_type='longrope'"),
-    (dict(_DEEPSEEK, model_type="deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=2),
-     "topk_method='group_limited_greedy'"),
+    (dict(_LLAMA, model_type="llama", rope_parameters=dict(rope_type="proportional", rope_theta=1e4)),
+     "rope_parameters.rope_type='proportional'"),
+    (dict(_DEEPSEEK, model_type="deepseek_v2", topk_method="noaux_tc", n_group=4, topk_group=2),
+     "topk_method='noaux_tc'"),
     (dict(_LLAMA, model_type="qwen3", rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
     (dict(model_type="bloom"), "model_type='bloom'"),
 ])

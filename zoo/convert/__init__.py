@@ -16,12 +16,13 @@ import os
 from types import ModuleType
 from typing import Any
 
+from zoo.config import ModelConfig
 from zoo.convert import hf_io
 from zoo.convert.common import Tensors, UnsupportedError, export_dtype, finish, numpy_tree, replace, stored_dtype
 
 # model_type -> family module (imported on first use).
 FAMILIES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "llama",
     "gpt2": "gpt2",
     "gemma2": "gemma", "gemma3_text": "gemma",
     "mixtral": "moe", "qwen2_moe": "moe", "qwen3_moe": "moe",
@@ -99,6 +100,10 @@ def to_hf(cfg: Any, params: Any, path: str | os.PathLike, *, model_type: str | N
     model_type = model_type or infer_model_type(cfg)
     module = family(model_type)
     module.check_exportable(cfg, model_type)
+    if isinstance(cfg, ModelConfig) and cfg.embed_norm is not None and not getattr(module, "WRITES_EMBED_NORM", False):
+        # Decoder families written before ModelConfig.embed_norm existed would drop it silently
+        # (encoder and encoder-decoder configs have their own embed_norm, handled by their families).
+        raise UnsupportedError(f"to_hf({model_type}): ModelConfig.embed_norm={cfg.embed_norm!r} cannot be written")
     hf = module.config_to_hf(cfg, model_type)
     hf.setdefault("architectures", [module.ARCHITECTURES[model_type]])
     hf.update(model_type=model_type, dtype=cfg.param_dtype, vocab_size=cfg.vocab_size,

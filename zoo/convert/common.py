@@ -61,6 +61,18 @@ class Tensors:
                              f"config.json, got {tuple(x.shape)}")
         return x
 
+    def split(self, name: str, sizes: dict[str, int]) -> None:
+        """Take a fused tensor and offer its consecutive row blocks under new names (e.g. Phi-3's
+        qkv_proj as q/k/v_proj), so the shared layouts read it; the blocks must all be taken."""
+        x = self.take(name)
+        if x.shape[0] != sum(sizes.values()):
+            raise ValueError(f"{self.model_type}: tensor {name!r}: expected {sum(sizes.values())} rows from "
+                             f"config.json, got shape {tuple(x.shape)}")
+        start = 0
+        for part, size in sizes.items():
+            self._arrays[part] = x[start:start + size]
+            start += size
+
     def discard(self, name: str) -> None:
         """Mark a tensor read without using it (e.g. a tied lm_head that repeats the embedding)."""
         if name in self._arrays:
@@ -83,6 +95,11 @@ def to_linear(w_I_: Any) -> np.ndarray:
     """zoo [in, ...out axes] -> HF Linear weight [out, in]."""
     w = np.asarray(w_I_)
     return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+
+
+def fuse(tensors: dict[str, np.ndarray], names: list[str], fused: str) -> None:
+    """The inverse of `Tensors.split`: replace `names` in `tensors` by their row concatenation."""
+    tensors[fused] = np.concatenate([tensors.pop(n) for n in names], axis=0)
 
 
 def to_linear_in(w__O: Any, n_in_axes: int) -> np.ndarray:
@@ -195,6 +212,9 @@ def rope_parameters(hf: dict, layer_type: str | None = None) -> dict:
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if "partial_rotary_factor" not in params and "partial_rotary_factor" in hf:
         params["partial_rotary_factor"] = hf["partial_rotary_factor"]
+    if params["rope_type"] in ("llama3", "yarn", "longrope") and hf.get("original_max_position_embeddings"):
+        # transformers lets a top-level original_max_position_embeddings (Phi-3's files) win.
+        params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     return params
 
 
@@ -232,8 +252,20 @@ def rope_from_hf(model_type: str, rp: dict, max_pos: int, layout: str = "half") 
         return RopeConfig(**base, scaling="yarn", factor=factor, original_max_len=original,
                           beta_fast=float(rp.get("beta_fast") or 32.0), beta_slow=float(rp.get("beta_slow") or 1.0),
                           attention_factor=float(attention))
+    if kind == "longrope":
+        original = int(rp.get("original_max_position_embeddings") or max_pos)
+        factor = rp.get("factor")
+        # Phi-3 files give no factor: transformers takes the context extension ratio.
+        factor = max_pos / original if factor is None else float(factor)
+        if factor < 1.0:
+            unsupported(model_type, "rope_parameters.factor", factor, "longrope needs a factor >= 1")
+        attention = rp.get("attention_factor")
+        return RopeConfig(**base, scaling="longrope", factor=factor, original_max_len=original,
+                          short_factor=tuple(float(v) for v in rp["short_factor"]),
+                          long_factor=tuple(float(v) for v in rp["long_factor"]),
+                          attention_factor=None if attention is None else float(attention))
     unsupported(model_type, "rope_parameters.rope_type", kind,
-                "layers.positions.RopeConfig has default, linear, dynamic, yarn and llama3")
+                "layers.positions.RopeConfig has default, linear, dynamic, yarn, llama3 and longrope")
 
 
 def rope_to_hf(rope: RopeConfig, max_len: int) -> dict:
@@ -252,6 +284,11 @@ def rope_to_hf(rope: RopeConfig, max_len: int) -> dict:
     if rope.scaling == "yarn":
         out.update(original_max_position_embeddings=rope.original_max_len, beta_fast=rope.beta_fast,
                    beta_slow=rope.beta_slow)
+        if rope.attention_factor is not None:
+            out["attention_factor"] = rope.attention_factor
+    if rope.scaling == "longrope":
+        out.update(original_max_position_embeddings=rope.original_max_len, short_factor=list(rope.short_factor),
+                   long_factor=list(rope.long_factor))
         if rope.attention_factor is not None:
             out["attention_factor"] = rope.attention_factor
     return out

@@ -5,8 +5,9 @@ Routing: V3 scores experts with a sigmoid, selects with the correction bias
 (`e_score_correction_bias` -> router_bias_E) inside the best `topk_group` of `n_group` groups
 (each group scored by its two best biased scores), weights with the unbiased scores,
 optionally renormalised, times routed_scaling_factor. V2 takes a softmax top-k times
-routed_scaling_factor (transformers never renormalises it); its group-limited variant scores
-groups by their maximum, which layers.moe does not do, and is refused.
+routed_scaling_factor (transformers never renormalises it); with
+topk_method="group_limited_greedy" the experts are picked inside the best `topk_group` groups,
+each group scored by its best expert (MoEConfig.group_score="max").
 
 RoPE applies to the rope part only; V2 always rotates adjacent pairs (complex multiply), V3
 when rope_interleave (the default). With a scaled rope and mscale_all_dim, the softmax scale
@@ -59,9 +60,12 @@ def _moe(hf: dict, act: str) -> MoEConfig:
                   load_balance_weight=0.0)
     if mt == "deepseek_v2":
         method = hf.get("topk_method", "greedy")
-        if method != "greedy":
-            unsupported(mt, "topk_method", method, "group-limited routing by group maximum is not in layers.moe")
-        return MoEConfig(**common, router="softmax", renormalize=False)
+        if method == "greedy":  # n_group / topk_group are not read
+            return MoEConfig(**common, router="softmax", renormalize=False)
+        if method != "group_limited_greedy":
+            unsupported(mt, "topk_method", method, "expected greedy or group_limited_greedy")
+        return MoEConfig(**common, router="softmax", renormalize=False, n_groups=hf.get("n_group") or 1,
+                         topk_groups=hf.get("topk_group") or 1, group_score="max")
     return MoEConfig(**common, router="sigmoid", renormalize=bool(hf.get("norm_topk_prob", True)),
                      n_groups=hf.get("n_group") or 1, topk_groups=hf.get("topk_group") or 1)
 
@@ -176,10 +180,13 @@ def check_exportable(cfg: ModelConfig, model_type: str) -> None:
     for m in moes:
         if not m.gated or m.dispatch != "dropless" or m.shared_gate:
             no("experts must be gated and dropless, shared experts ungated (shared_gate is Qwen2-MoE's)")
-        if model_type == "deepseek_v3" and m.router != "sigmoid":
-            no(f"DeepSeek-V3 routes with a sigmoid, got router={m.router!r}")
-        if model_type == "deepseek_v2" and (m.router != "softmax" or m.renormalize or m.n_groups != 1):
-            no("DeepSeek-V2 takes a plain softmax top-k (no renormalisation, no groups)")
+        if model_type == "deepseek_v3" and (m.router != "sigmoid" or (m.n_groups > 1 and m.group_score != "top2_sum")):
+            no(f"DeepSeek-V3 routes with a sigmoid and ranks groups by their top-2 sum, got router={m.router!r}, "
+               f"group_score={m.group_score!r}")
+        if model_type == "deepseek_v2" and (m.router != "softmax" or m.renormalize or
+                                            (m.n_groups > 1 and m.group_score != "max")):
+            no("DeepSeek-V2 takes a softmax top-k without renormalisation, groups (if any) ranked by their "
+               f"best expert; got router={m.router!r}, renormalize={m.renormalize}, group_score={m.group_score!r}")
     if not moes:
         no("needs MoE layers")
 
@@ -211,7 +218,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict:
         hf.update(n_group=moe.n_groups, topk_group=moe.topk_groups, norm_topk_prob=moe.renormalize,
                   rope_interleave=mla.rope.layout == "interleaved")
     else:
-        hf.update(topk_method="greedy", n_group=1, topk_group=1)
+        grouped = moe.n_groups > 1
+        hf.update(topk_method="group_limited_greedy" if grouped else "greedy", n_group=moe.n_groups,
+                  topk_group=moe.topk_groups)
     return hf
 
 

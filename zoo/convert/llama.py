@@ -1,7 +1,9 @@
-"""Llama, Mistral, Qwen2 and Qwen3: pre-norm RMSNorm blocks, GQA attention with half-rotation
-RoPE (every rope type the zoo has), SwiGLU MLP. The four differ in options only: Mistral's
-sliding window on every layer, Qwen2's q/k/v biases (and per-layer windows), Qwen3's RMSNorm
-on queries and keys."""
+"""Llama, Mistral, Qwen2, Qwen3 and Phi-3: pre-norm RMSNorm blocks, GQA attention with
+half-rotation RoPE (every rope type the zoo has, longrope included), SwiGLU MLP. They differ in
+options only: Mistral's sliding window on every layer, Qwen2's q/k/v biases (and per-layer
+windows), Qwen3's RMSNorm on queries and keys, Phi-3's fused tensors (`qkv_proj` = q, k, v rows;
+`gate_up_proj` = gate, up rows), split on import and fused again on export, and its window on
+every layer."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from layers.mlp import MLPConfig
 from layers.norms import NormConfig
 from zoo.config import BlockConfig, ModelConfig
 from zoo.convert import parts
-from zoo.convert.common import (Tensors, UnsupportedError, activation, activation_to_hf, block_at, minimal_pattern,
+from zoo.convert.common import (Tensors, UnsupportedError, activation, activation_to_hf, block_at, fuse, minimal_pattern,
                                 rope_from_hf, rope_parameters, rope_to_hf, stack_layers, unstack_layers,
                                 unsupported)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # The zoo's q/k-norm epsilon (layers.attention); Qwen3 uses rms_norm_eps there.
 QK_NORM_EPS = 1e-6
 
@@ -26,7 +28,7 @@ def layer_windows(hf: dict) -> list[int | None]:
     window = hf.get("sliding_window")
     if mt == "llama":
         return [None] * n
-    if mt in ("mistral", "mixtral"):
+    if mt in ("mistral", "mixtral", "phi3"):
         return [window] * n
     # Qwen families: windows only where layer_types (or, in older files, max_window_layers) says.
     if hf.get("layer_types") is not None:
@@ -70,10 +72,22 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), final_norm=norm)
 
 
+def _fused(b: BlockConfig, pre: str) -> dict[str, dict[str, int]]:
+    """Phi-3's fused tensors -> the Llama tensors they hold, in row order."""
+    m, F = b.mixer, b.ffn.d_ff
+    q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    a = pre + "self_attn."
+    return {a + "qkv_proj.weight": {a + "q_proj.weight": q, a + "k_proj.weight": kv, a + "v_proj.weight": kv},
+            pre + "mlp.gate_up_proj.weight": {pre + "mlp.gate_proj.weight": F, pre + "mlp.up_proj.weight": F}}
+
+
 def params_from_hf(cfg: ModelConfig, hf: dict, t: Tensors) -> dict:
     layers = []
     for i in range(cfg.n_layers):
         b, pre = block_at(cfg, i), f"model.layers.{i}."
+        if hf["model_type"] == "phi3":
+            for fused, sizes in _fused(b, pre).items():
+                t.split(fused, sizes)
         layers.append({
             "mixer_norm": parts.norm_from_hf(t, pre + "input_layernorm", cfg.d_model),
             "mixer": parts.attention_from_hf(t, pre + "self_attn.", b.mixer),
@@ -126,8 +140,14 @@ def check_exportable(cfg: ModelConfig, model_type: str) -> None:
         no("use_bias/out_bias/mlp use_bias", (m.use_bias, m.out_bias, f.use_bias), "qwen2 has q/k/v biases only")
     if model_type in ("llama", "mistral") and m.use_bias != m.out_bias:
         no("use_bias/out_bias", (m.use_bias, m.out_bias), "attention_bias covers q, k, v and o together")
-    if model_type == "mistral" and (len(windows) > 1 or f.use_bias):
-        no("sliding_window/mlp use_bias", (windows, f.use_bias), "mistral has one window on every layer")
+    if model_type in ("mistral", "phi3") and (len(windows) > 1 or f.use_bias):
+        no("sliding_window/mlp use_bias", (windows, f.use_bias), f"{model_type} has one window on every layer")
+    if model_type == "phi3" and (m.use_bias or m.out_bias):
+        no("use_bias/out_bias", (m.use_bias, m.out_bias), "phi3 has no attention biases")
+    if model_type == "phi3" and m.rope.scaling not in (None, "longrope"):
+        no("RopeConfig.scaling", m.rope.scaling, "Phi3Config accepts default and longrope only")
+    if model_type == "phi3" and m.head_dim * m.n_heads != cfg.d_model:
+        no("AttentionConfig.head_dim", m.head_dim, "Phi3Config sizes its rope factors by hidden_size / heads")
     if model_type == "llama" and windows != {None}:
         no("sliding_window", windows, "llama has none")
     if len(windows - {None}) > 1:
@@ -140,14 +160,19 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict:
               num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim,
               hidden_act=activation_to_hf(f.activation), max_position_embeddings=cfg.max_len,
               rms_norm_eps=cfg.final_norm.eps, rope_parameters=rope_to_hf(m.rope, cfg.max_len))
-    if model_type != "qwen2":
+    if model_type not in ("qwen2", "phi3"):
         hf["attention_bias"] = m.use_bias
     if model_type == "llama":
         hf["mlp_bias"] = f.use_bias
     windows = [block_at(cfg, i).mixer.sliding_window for i in range(cfg.n_layers)]
     window = next((w for w in windows if w is not None), None)
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         hf["sliding_window"] = window
+    if model_type == "phi3":
+        hf["pad_token_id"] = None  # Phi3Config's default (32000) would exceed a smaller vocabulary
+        if m.rope.scaling in ("longrope", "yarn", "llama3"):
+            # Phi3Config's own original_max_position_embeddings (default 4096) overrides the rope's.
+            hf["original_max_position_embeddings"] = m.rope.original_max_len
     if model_type in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=cfg.n_layers,
                   layer_types=["full_attention" if w is None else "sliding_attention" for w in windows])
@@ -163,4 +188,7 @@ def params_to_hf(cfg: ModelConfig, params: dict, model_type: str) -> dict:
         out.update(parts.attention_to_hf(p["mixer"], pre + "self_attn.", b.mixer))
         out.update(parts.norm_to_hf(p["ffn_norm"], pre + "post_attention_layernorm"))
         out.update(parts.mlp_to_hf(p["ffn"], pre + "mlp.", b.ffn))
+        if model_type == "phi3":
+            for fused, sizes in _fused(b, pre).items():
+                fuse(out, list(sizes), fused)
     return out
