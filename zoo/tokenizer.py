@@ -13,11 +13,17 @@ byte-level default needs nothing beyond numpy.
 
 A run folder holds the trained BPE as `tokenizer.json` (the library's own format, readable by
 `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`); a folder without one is byte level.
+
+`HFTokenizer` runs a published model's own tokenizer (the `tokenizer.json` + `tokenizer_config.json`
++ `generation_config.json` that `zoo convert --from-hf` copies into its checkpoint), so a converted
+Llama or Qwen is prompted in the vocabulary it was trained on. `load(folder)` tells the three
+folder kinds apart (see `kind`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
@@ -30,6 +36,10 @@ if TYPE_CHECKING:
 TOKENIZER_FILE = "tokenizer.json"
 #: The optional dependency's install hint, quoted by every error about it.
 INSTALL_HINT = "pip install 'jax-zoo[bpe]'"
+#: The files of a Hugging Face tokenizer that travel with a converted checkpoint (those present).
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_CONFIG_FILE = "tokenizer_config.json"
+HF_GENERATION_FILE = "generation_config.json"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 #: Texts longer than this are encoded in newline-aligned pieces, in parallel (see BPETokenizer.encode).
@@ -271,6 +281,162 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a str, an AddedToken dict, or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _id_list(value: Any) -> list[int]:
+    """generation_config.json's `eos_token_id`: an int, a list of ints, or null."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"expected an int or a list of ints, got {value!r}")
+    return list(values)
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization`: drop the space a WordPiece decode leaves before
+    punctuation and English contractions."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
+class HFTokenizer:
+    """A published model's Hugging Face tokenizer (`tokenizer.json`), encoded and decoded the way
+    `transformers.AutoTokenizer` does for that folder.
+
+    Special tokens on encode (`add_special_tokens=True`, the transformers default): when
+    tokenizer_config.json sets `add_bos_token` / `add_eos_token`, those flags decide (transformers
+    rebuilds the post-processor from them); otherwise the post-processor stored in tokenizer.json
+    does (e.g. Llama 3's template prepends `<|begin_of_text|>`, Qwen's adds nothing).
+
+    Ids: bos/pad from tokenizer_config.json (else generation_config.json); the eos ids, where a
+    generation stops, from generation_config.json (what `model.generate` uses; Qwen lists two),
+    else tokenizer_config.json's `eos_token`. `decode` skips special tokens (display text).
+    `piece` is exact for byte-level vocabularies (GPT-2, Llama 3, Qwen); for SentencePiece-style
+    ones it maps `▁` to a space and `<0xNN>` to its byte.
+    """
+
+    def __init__(self, tok: Any, *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
+                 pad_id: int | None = None, add_bos: bool | None = None, add_eos: bool | None = None,
+                 clean_up_spaces: bool = False):
+        """tok: a `tokenizers.Tokenizer`. add_bos / add_eos: None leaves special tokens to tok's
+        post-processor; a bool adds (or not) that token around every encoded text instead."""
+        self._tok = tok
+        vocab = tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        for name, ids in (("bos_id", [bos_id]), ("eos_ids", self.eos_ids), ("pad_id", [pad_id])):
+            if any(i is not None and not 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"HFTokenizer: {name}: expected ids in [0, {self.vocab_size}), got {ids}")
+        if add_bos and bos_id is None:
+            raise ValueError("HFTokenizer: add_bos: expected a bos_id to add, got bos_id=None")
+        if add_eos and not self.eos_ids:
+            raise ValueError("HFTokenizer: add_eos: expected an eos id to add, got none")
+        self.bos_id, self.pad_id = bos_id, pad_id
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
+        self.add_bos, self.add_eos, self.clean_up_spaces = add_bos, add_eos, bool(clean_up_spaces)
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        self._pieces = self._build_pieces(vocab)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
+        """Read a Hugging Face tokenizer folder (tokenizer.json, optional tokenizer_config.json and
+        generation_config.json)."""
+        directory = os.fspath(directory)
+        path = os.path.join(directory, TOKENIZER_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"HFTokenizer.load: directory: expected a folder holding {TOKENIZER_FILE}, "
+                                    f"got {directory!r}")
+        tok = _from_file("HFTokenizer.load", path)
+        config = _read_json(os.path.join(directory, HF_CONFIG_FILE))
+        generation = _read_json(os.path.join(directory, HF_GENERATION_FILE))
+
+        def token_id(key: str) -> int | None:
+            text = _token_text(config.get(key))
+            return None if text is None else tok.token_to_id(text)
+
+        try:
+            eos_ids = _id_list(generation.get("eos_token_id"))
+        except ValueError as e:
+            raise ValueError(f"HFTokenizer.load: {HF_GENERATION_FILE}: eos_token_id: {e}") from None
+        if not eos_ids and token_id("eos_token") is not None:
+            eos_ids = [token_id("eos_token")]
+        bos_id = token_id("bos_token")
+        bos_id = generation.get("bos_token_id") if bos_id is None else bos_id
+        pad_id = token_id("pad_token")
+        pad_id = generation.get("pad_token_id") if pad_id is None else pad_id
+        # transformers rebuilds the template from these flags only when the config names one.
+        explicit = "add_bos_token" in config or "add_eos_token" in config
+        add_bos = bool(config.get("add_bos_token", False)) if explicit else None
+        add_eos = bool(config.get("add_eos_token", False)) if explicit else None
+        if add_eos:  # transformers appends the tokenizer's own eos, not generation_config's
+            eos_token = token_id("eos_token")
+            eos_ids = [eos_token, *(i for i in eos_ids if i != eos_token)] if eos_token is not None else eos_ids
+        # transformers skips the clean-up for BPE models: it would delete real spaces.
+        bpe = type(tok.model).__name__ == "BPE"
+        clean = bool(config.get("clean_up_tokenization_spaces", False)) and not bpe
+        return cls(tok, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id, add_bos=add_bos, add_eos=add_eos,
+                   clean_up_spaces=clean)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> "Int[np.ndarray, 'L']":
+        """Token ids of `text`; add_special_tokens=False gives the text's own tokens only (e.g. a
+        stop string)."""
+        _check_text("HFTokenizer.encode", text)
+        if not add_special_tokens or self.add_bos is None:
+            return np.asarray(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, np.int32)
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = [self.bos_id] * self.add_bos + ids + [self.eos_id] * bool(self.add_eos)
+        return np.asarray(ids, np.int32)
+
+    def decode(self, ids: Any, *, skip_special_tokens: bool = True) -> str:
+        ids_L = _check_ids("HFTokenizer.decode", ids, self.vocab_size)
+        text = self._tok.decode(ids_L.tolist(), skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self.clean_up_spaces else text
+
+    def piece(self, token_id: int) -> bytes:
+        return self._pieces[int(_check_ids("HFTokenizer.piece", [token_id], self.vocab_size)[0])]
+
+    def token_bytes(self) -> "Int[np.ndarray, 'V']":
+        return np.asarray([len(p) for p in self._pieces], np.int64)
+
+    def _build_pieces(self, vocab: dict[str, int]) -> list[bytes]:
+        byte_level = "ByteLevel" in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+        byte_of = _byte_of_symbol()
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        pieces: list[bytes] = [b""] * self.vocab_size
+        for token, i in vocab.items():
+            if token in added:
+                pieces[i] = token.encode("utf-8")
+            elif byte_level and all(c in byte_of for c in token):
+                pieces[i] = bytes(byte_of[c] for c in token)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                pieces[i] = bytes([int(token[3:5], 16)])  # SentencePiece byte fallback
+            else:
+                pieces[i] = token.replace("\u2581", " ").encode("utf-8")
+        return pieces
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFTokenizer) and self.to_json() == other.to_json() and (
+            (self.bos_id, self.eos_ids, self.pad_id, self.add_bos, self.add_eos, self.clean_up_spaces)
+            == (other.bos_id, other.eos_ids, other.pad_id, other.add_bos, other.add_eos, other.clean_up_spaces))
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={self.eos_ids})"
+
+
 def _checked_texts(texts: Iterable[str]) -> Iterable[str]:
     for k, t in enumerate(texts):
         _check_text(f"BPETokenizer.train: texts[{k}]", t)
@@ -294,10 +460,51 @@ def _newline_chunks(text: str, size: int) -> list[str]:
     return chunks
 
 
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _is_zoo_bpe(tok: Any) -> bool:
+    """Ids 0 and 1 are the zoo's eos and pad: the layout `BPETokenizer.train` always gives, and
+    no published tokenizer we know of has (GPT-2's `<|endoftext|>` is 50256, with no `<|pad|>`)."""
+    return tok.token_to_id(EOS) == 0 and tok.token_to_id(PAD) == 1
+
+
+def kind(directory: str | os.PathLike) -> str:
+    """Which tokenizer a folder holds: "bytes" (no tokenizer.json), "hf" (a Hugging Face
+    tokenizer: tokenizer_config.json beside it, which transformers always writes and `zoo train`
+    never does, or a vocabulary not laid out like the zoo's) or "bpe" (written by `zoo train`)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        return "bytes"
+    if os.path.isfile(os.path.join(directory, HF_CONFIG_FILE)):
+        return "hf"
+    return "bpe" if _is_zoo_bpe(_from_file("load", path)) else "hf"
+
+
+def _from_file(owner: str, path: str) -> Any:
+    try:
+        return _tokenizers().Tokenizer.from_file(path)
+    except Exception as e:  # the library raises plain Exception on malformed JSON
+        if isinstance(e, MissingDependencyError):
+            raise
+        raise ValueError(f"{owner}: {path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+
+
 def load(directory: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a run folder: its `tokenizer.json` (BPE) if present, else bytes."""
-    path = os.path.join(os.fspath(directory), TOKENIZER_FILE)
-    return BPETokenizer.load(path) if os.path.isfile(path) else ByteTokenizer()
+    """The tokenizer of a run folder or converted checkpoint, by `kind`: HFTokenizer, the zoo's
+    BPETokenizer, or bytes when the folder holds no tokenizer.json."""
+    which = kind(directory)
+    if which == "bytes":
+        return ByteTokenizer()
+    return HFTokenizer.load(directory) if which == "hf" else BPETokenizer.load(directory)
 
 
 def covered_bytes(targets: Any, token_bytes: "Int[np.ndarray, 'V']", mask: Any = None) -> int:

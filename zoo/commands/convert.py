@@ -2,11 +2,17 @@
 
     zoo convert --from-hf ./Llama-3.2-1B --out ./ckpt/llama      # HF folder -> zoo checkpoint
     zoo convert --to-hf ./ckpt/llama --out ./exported            # zoo checkpoint -> HF folder
+
+The tokenizer travels both ways: the HF files in `zoo.tokenizer.HF_FILES` that the folder holds
+are stored in the checkpoint (so `zoo generate --ckpt` prompts in the model's vocabulary) and
+written back out on export. Where the folder has no generation_config.json, one holding
+config.json's bos/eos/pad ids is written (what transformers derives when it loads the model).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 
@@ -29,6 +35,7 @@ def add_parser(sub) -> None:
 def cmd_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from layers import params as P
     from zoo import convert
+    from zoo import tokenizer as ztok
     from zoo.convert import ckpt
 
     if args.from_hf is not None:
@@ -40,11 +47,14 @@ def cmd_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             cfg, params = convert.from_hf(args.from_hf, param_dtype=args.param_dtype)
         except (convert.UnsupportedError, FileNotFoundError, KeyError, ValueError) as e:
             parser.error(f"--from-hf: {e}")
-        model_type = convert.hf_io.read_config(args.from_hf)["model_type"]
+        hf_config = convert.hf_io.read_config(args.from_hf)
+        model_type = hf_config["model_type"]
+        assets = _tokenizer_assets(args.from_hf, hf_config)
         ckpt.save(args.out, cfg, params, extra={"hf_model_type": model_type,
-                                                "hf_source": os.path.abspath(args.from_hf)})
+                                                "hf_source": os.path.abspath(args.from_hf)}, assets=assets)
+        carried = f", tokenizer files: {', '.join(sorted(assets))}" if assets else " (no tokenizer files found)"
         print(f"imported {model_type} ({P.count(params):,} parameters, {cfg.n_layers} layers, "
-              f"{cfg.param_dtype}) into {os.path.abspath(args.out)}")
+              f"{cfg.param_dtype}) into {os.path.abspath(args.out)}{carried}")
         return 0
 
     try:
@@ -58,5 +68,24 @@ def cmd_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         folder = convert.to_hf(cfg, params, args.out, model_type=model_type)
     except convert.UnsupportedError as e:
         parser.error(f"--model-type: {e}" if args.model_type else f"--to-hf: {e}")
-    print(f"exported {model_type or 'the inferred architecture'} to {os.path.abspath(folder)}")
+    assets = ckpt.read_assets(args.to_hf, ztok.HF_FILES)
+    for name, data in assets.items():
+        ckpt.write_atomic(os.path.join(folder, name), data)
+    carried = f" with {', '.join(sorted(assets))}" if assets else ""
+    print(f"exported {model_type or 'the inferred architecture'} to {os.path.abspath(folder)}{carried}")
     return 0
+
+
+def _tokenizer_assets(folder: str, hf_config: dict) -> dict[str, bytes]:
+    """The HF tokenizer files `folder` holds, plus a generation_config.json from config.json's
+    special token ids when the folder has none (the eos there is where generation stops)."""
+    from zoo import tokenizer as ztok
+    from zoo.convert import ckpt
+
+    assets = ckpt.read_assets(folder, ztok.HF_FILES)
+    if ztok.TOKENIZER_FILE in assets and ztok.HF_GENERATION_FILE not in assets:
+        ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if hf_config.get(k) is not None}
+        if ids:
+            assets[ztok.HF_GENERATION_FILE] = json.dumps(ids, indent=2).encode()
+    return assets

@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     tokenizer = _tokenizer(args, parser, cfg)
     if args.seq_len > cfg.max_len:
         parser.error(f"--seq-len: {args.seq_len} exceeds the model's max_len={cfg.max_len}")
-    bpe = isinstance(tokenizer, ztok.BPETokenizer)
+    bpe = not isinstance(tokenizer, ztok.ByteTokenizer)  # the run's BPE or a converted model's HF tokenizer
     tokenizer_for = (lambda texts: tokenizer) if bpe else None  # the run's own, never retrained
     val_fraction = train.TrainConfig().val_fraction
     if args.data != "stdlib":

@@ -59,7 +59,9 @@ def add_parser(sub) -> None:
                         f"config); one of: {', '.join(zoo.presets.names())}")
     g.add_argument("--ckpt", default=None,
                    help="a `zoo train --checkpoint-dir` folder or `zoo convert` checkpoint (newest step)")
-    g.add_argument("--prompt", required=True, help="prompt text (tokenized by the run's tokenizer: bytes or BPE)")
+    g.add_argument("--prompt", required=True,
+                   help="prompt text (tokenized by the folder's tokenizer: bytes, the zoo's BPE, or the Hugging "
+                        "Face tokenizer a `zoo convert` checkpoint carries, special tokens such as BOS included)")
     g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--cache-len", type=positive_int, default=None,
                    help="decode cache length / compile bucket (default: the model's max_len)")
@@ -71,7 +73,10 @@ def add_parser(sub) -> None:
     g.add_argument("--frequency-penalty", type=_float, default=0.0, help="per occurrence (0 = off)")
     g.add_argument("--presence-penalty", type=_float, default=0.0, help="once per seen token (0 = off)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="sampling (and random init) seed")
-    g.add_argument("--stop", default=None, help="stop after this token (text that is one token, e.g. one byte)")
+    g.add_argument("--stop", default=None,
+                   help="stop after this token (text that is one token, e.g. one byte) instead of the tokenizer's "
+                        "eos (a Hugging Face tokenizer's generation_config.json eos ids)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's eos ids")
     g.add_argument("--beams", type=positive_int, default=None, help="beam search with N beams (no sampling)")
     g.add_argument("--length-penalty", type=_float, default=1.0, help="beam length penalty (default 1)")
     g.add_argument("--draft-preset", default=None,
@@ -158,12 +163,13 @@ def _folder_config(args, parser):
 
 
 def _tokenizer(args, parser, cfg):
-    """The --ckpt folder's tokenizer (tokenizer.json: BPE) or bytes, checked against the model."""
+    """The --ckpt folder's tokenizer (`zoo.tokenizer.load`: HF, zoo BPE or bytes), checked against
+    the model."""
     from zoo import tokenizer as ztok
 
     try:
         tokenizer = ztok.load(args.ckpt) if args.ckpt is not None else ztok.ByteTokenizer()
-    except (ztok.MissingDependencyError, ValueError) as e:
+    except (ztok.MissingDependencyError, ValueError, OSError) as e:
         parser.error(f"--ckpt: {e}")
     if cfg.vocab_size < tokenizer.vocab_size:
         model = f"--preset {args.preset!r}" if args.preset else f"the model of {args.ckpt!r}"
@@ -190,9 +196,14 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if prompt.size + args.max_new_tokens > cache_len:
         parser.error(f"--prompt: {prompt.size} tokens + --max-new-tokens {args.max_new_tokens} exceeds the cache "
                      f"length {cache_len} (--cache-len, default the model's max_len)")
-    stops = []
+    from zoo import tokenizer as ztok
+
+    # A converted model's own eos ids end a reply, as in transformers' generate; the zoo's
+    # tokenizers (bytes, BPE runs) keep running to --max-new-tokens unless --stop says otherwise.
+    stops = [] if args.ignore_eos else [i for i in getattr(tokenizer, "eos_ids", ()) if i < cfg.vocab_size]
     if args.stop is not None:
-        stop_ids = tokenizer.encode(args.stop)
+        hf = isinstance(tokenizer, ztok.HFTokenizer)
+        stop_ids = tokenizer.encode(args.stop, add_special_tokens=False) if hf else tokenizer.encode(args.stop)
         if stop_ids.size != 1:
             parser.error(f"--stop: expected text that is one token, got {args.stop!r} ({stop_ids.size} tokens)")
         stops = [int(stop_ids[0])]
@@ -261,10 +272,13 @@ def _stream(params, prompt, cfg, args, sampling, stops, cache_len, tokenizer):
     if not args.json:
         print(args.prompt, end="", flush=True)
 
+    hidden = getattr(tokenizer, "special_ids", frozenset())  # decode() skips them too
+
     def on_token(step, tokens_B, done_B):
         times.append(time.perf_counter())
-        if not args.json and not bool(done_B[0]):
-            print(utf8.decode(tokenizer.piece(int(tokens_B[0]))), end="", flush=True)
+        token = int(tokens_B[0])
+        if not args.json and not bool(done_B[0]) and token not in hidden:
+            print(utf8.decode(tokenizer.piece(token)), end="", flush=True)
 
     dyn = (params, jnp.asarray(prompt_BP), jnp.asarray(lens_B), jnp.int32(args.max_new_tokens),
            jnp.asarray(stops, jnp.int32).reshape(-1), jax.random.key(args.seed))

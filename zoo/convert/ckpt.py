@@ -6,6 +6,10 @@ The config is written twice: inside the checkpoint's `extra` (with the step) and
 `model_config.json` beside the steps, which `load` reads first (a restore needs the config to
 build its targets). Decoding imports only dataclasses defined under `layers.` or `zoo.`, so a
 config file cannot name arbitrary code.
+
+Assets (a Hugging Face tokenizer's files, see `zoo.tokenizer.HF_FILES`) are stored beside them.
+`model_config.json` is written last, by rename, so a folder holding it holds the whole
+checkpoint: the params step (Orbax finalises it by rename too) and every asset.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -61,17 +65,43 @@ def config_from_json(obj: Any) -> Any:
     return cls(**{k: config_from_json(v) for k, v in obj.items() if k != "__class__"})
 
 
-def save(directory: str | os.PathLike, cfg: Any, params: Any, *, extra: dict | None = None) -> str:
-    """Write params (step 0) and the config to `directory` (which must not hold a checkpoint)."""
+def write_atomic(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename: readers see all or nothing."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save(directory: str | os.PathLike, cfg: Any, params: Any, *, extra: dict | None = None,
+         assets: Mapping[str, bytes] | None = None) -> str:
+    """Write params (step 0), `assets` (file name -> contents, e.g. tokenizer files) and the config
+    to `directory` (which must not hold a checkpoint)."""
     from zoo.checkpoint import Checkpointer
 
     directory = os.path.abspath(os.fspath(directory))
+    for name in assets or {}:
+        if os.path.basename(name) != name or name in (CONFIG_FILE, "") or name.startswith("."):
+            raise ValueError(f"save: assets: expected plain file names other than {CONFIG_FILE}, got {name!r}")
     encoded = config_to_json(cfg)
     with Checkpointer(directory, async_save=False) as ckpt:
         ckpt.save(0, params=params, opt_state=NO_OPT_STATE, extra={"model_config": encoded, **(extra or {})})
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(encoded, f, indent=1)
+    for name, data in (assets or {}).items():
+        write_atomic(os.path.join(directory, name), data)
+    write_atomic(os.path.join(directory, CONFIG_FILE), json.dumps(encoded, indent=1).encode())
     return directory
+
+
+def read_assets(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, bytes]:
+    """The contents of those of `names` that `directory` holds (name -> bytes)."""
+    directory = os.fspath(directory)
+    out = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
 
 
 def load(directory: str | os.PathLike) -> tuple[Any, Any, dict]:
