@@ -1,7 +1,7 @@
 """`zoo compare`: train and measure sequence-model families under one budget, write a report.
 
-    zoo compare --out compare_out                       # every family, default tasks (~10 min on 2 cores)
-    zoo compare --quick --families transformer,mamba    # a smoke run
+    zoo compare --out compare_out                       # every family, default tasks (docs/compare.md: times)
+    zoo compare --quick                                 # a smoke run of every family
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     c.add_argument("--steps", type=positive_int, default=None, help="override the mode's steps per task")
     c.add_argument("--target-params", type=positive_int, default=None,
                    help="override the mode's non-embedding parameter target per family")
+    c.add_argument("--compile-threads", type=positive_int, default=None,
+                   help="threads that compile every family's sweep steps and scorers before training "
+                        "(default 1)")
     c.add_argument("--no-progress", action="store_true", help="do not print the progress line")
     c.set_defaults(run=cmd_compare, subparser=c)
 
@@ -91,7 +94,7 @@ def cmd_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
           f"sequences, lr sweep {budget.lrs}{mqar_note}; writing to {args.out}")
     t0 = time.perf_counter()
     results = H.run(names, task_list, budget, seed=args.seed, mode=mode, command=command,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, compile_threads=args.compile_threads)
     if args.scaling:
         progress = H.Progress(len(names) * len(scaling.SIZE_FACTORS), enabled=not args.no_progress)
         results["scaling"] = scaling.run(names, budget, seed=args.seed, progress=progress)

@@ -10,6 +10,12 @@ it is selected, else the first task): `compile_s` and `step_s` are those of the 
 (R members), `tokens_per_s` counts the tokens of all members, `mfu` is analytic training FLOP/s
 over the fp32 matmul peak measured at the start of the run, and `peak_bytes` is XLA's plan for
 that compiled sweep step (params, gradients and AdamW moments of all R members, activations).
+
+Compilation dominates a CPU-sized comparison, so a run compiles as little as it can: tasks of one
+length share the model vocabulary (`tasks.model_vocab`) and hence one sweep step and one scorer
+per family; the step takes the schedule as an input, so tasks with other step counts share it
+too; and all of them are compiled up front (`precompile`, optionally by a thread pool), before
+any timed step. `compile_s` is the wall time of that compilation.
 """
 
 from __future__ import annotations
@@ -73,12 +79,19 @@ class Budget:
                                    lrs=self.mqar_lrs or self.lrs)
 
 
+#: The MQAR sanity budget (tests/zoo/test_compare.py, docs/compare.md "MQAR on a CPU"): a 2-layer
+#: d 56 Llama at 80k parameters crosses 0.9 on (64, 4) with vocabulary 72 after ~500-600 of these
+#: 800 steps x 32 at lr 3e-3. Far more than a smoke run can afford for 13 families on a CPU.
+MQAR_SANITY = dict(target_params=80_000, steps=800, batch_size=32, lrs=(3e-3,), eval_batches=2)
+
 BUDGETS = {
-    # MQAR gets its own steps in --quick: a 2-layer d 56 Llama at 80k parameters crosses 0.9 on
-    # (64, 4) after ~500-600 of 800 steps at lr 3e-3 (docs/compare.md); LM stays a short smoke run.
-    "quick": Budget(target_params=80_000, steps=60, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=1,
-                    decode_contexts=(256, 1024), mqar_steps=800, mqar_batch_size=32, mqar_lrs=(3e-3,)),
-    "default": Budget(target_params=30_000, steps=150, batch_size=16, lrs=(3e-3, 1e-2)),
+    # A smoke run: every family compiles one sweep step (MQAR and LM share length 64 and the LM
+    # vocabulary), one scorer and its decode steps, and trains a few dozen steps per task.
+    # Compilation is most of it; MQAR stays near chance at this budget (see MQAR_SANITY).
+    "quick": Budget(target_params=20_000, steps=40, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=1,
+                    eval_batch_size=64, decode_contexts=(256, 1024)),
+    "default": Budget(target_params=30_000, steps=100, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=2,
+                      eval_batch_size=64),
     "full": Budget(target_params=1_000_000, steps=5000, batch_size=64,
                    lrs=tuple(float(x) for x in np.logspace(-4, -2, 4)), eval_batches=8,
                    decode_contexts=(1024, 4096, 16384, 65536)),
@@ -122,10 +135,19 @@ def _curve(losses_S: np.ndarray, points: int = 100) -> list[float]:
 
 
 def run_task(sized: F.Sized, task: T.Task, budget: Budget, seed: int,
-             on_step: Callable[[int], Any] | None = None) -> tuple[dict, sweep.SweepResult, Any]:
+             on_step: Callable[[int], Any] | None = None, *,
+             vocab_size: int | None = None) -> tuple[dict, sweep.SweepResult, Any]:
+    """Train the sweep on `task` and score it on held-out data; (results entry, sweep, config).
+
+    vocab_size: the model's vocabulary (default the task's; `tasks.model_vocab` gives the one
+      shared by the tasks of one length, so that they share a compiled step).
+    """
     budget = budget.for_task(task)
     fam = F.get(sized.family)
-    cfg = fam.config(vocab_size=task.vocab_size, max_len=task.seq_len, d_model=sized.d_model, d_ff=sized.d_ff)
+    vocab = task.vocab_size if vocab_size is None else vocab_size
+    if vocab < task.vocab_size:
+        raise ValueError(f"run_task: vocab_size: expected at least the task's {task.vocab_size}, got {vocab}")
+    cfg = fam.config(vocab_size=vocab, max_len=task.seq_len, d_model=sized.d_model, d_ff=sized.d_ff)
     res = sweep.train_sweep(cfg, budget.lrs, T.train_batches(task, budget.batch_size, seed),
                             steps=budget.steps,
                             warmup_steps=min(budget.steps - 1, max(1, int(budget.warmup_fraction * budget.steps))),
@@ -143,6 +165,7 @@ def run_task(sized: F.Sized, task: T.Task, budget: Budget, seed: int,
         "sweep": {f"{lr:.3g}": float(v) for lr, v in zip(res.lrs, values_R)},
         "steps": budget.steps,
         "tokens": budget.steps * budget.batch_size * task.seq_len,
+        "model_vocab_size": vocab,
         "loss_curve": _curve(res.losses_RS[best]),
     }
     return entry, res, cfg
@@ -165,7 +188,7 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
             if progress is not None and (s + 1) % max(1, steps // 10) == 0:
                 progress.show(f"{label} step {s + 1}/{steps}", transient=True)
 
-        entry, res, cfg = run_task(sized, task, budget, seed, tick)
+        entry, res, cfg = run_task(sized, task, budget, seed, tick, vocab_size=T.model_vocab(task, tasks))
         out["tasks"][task.name] = entry
         if task is ref:
             ref_result, ref_cfg = res, cfg
@@ -195,6 +218,46 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
     return out
 
 
+def shape_groups(tasks: list[T.Task], budget: Budget) -> list[tuple[int, int, int, int]]:
+    """The distinct (seq_len, model vocabulary, batch, members) of `tasks`: one compiled sweep
+    step and one scorer each, per family."""
+    groups = []
+    for task in tasks:
+        b = budget.for_task(task)
+        g = (task.seq_len, T.model_vocab(task, tasks), b.batch_size, len(b.lrs))
+        if g not in groups:
+            groups.append(g)
+    return groups
+
+
+def precompile(family_names: list[str], tasks: list[T.Task], budget: Budget, threads: int,
+               progress: Progress | None = None) -> float:
+    """Compile every family's sweep steps and scorers in a pool of `threads` before any training;
+    returns the wall seconds. The phase ends before the first timed step, so no compile competes
+    with a measurement; the caches in `sweep` then serve `run_task`. With threads > 1 several
+    compile at once (XLA's compiler is meant to release the GIL)."""
+    import concurrent.futures
+
+    t0 = time.perf_counter()
+    ref = next((t for t in tasks if t.name == "lm"), tasks[0])
+    jobs = []
+    for name in family_names:
+        fam = F.get(name)
+        sized = F.solve(name, budget.target_params, vocab_size=ref.vocab_size, max_len=ref.seq_len)
+        for L, V, B, R in shape_groups(tasks, budget):
+            cfg = fam.config(vocab_size=V, max_len=L, d_model=sized.d_model, d_ff=sized.d_ff)
+            jobs.append((sweep.compile_step, (cfg, R, B, L)))
+            jobs.append((sweep.compile_scorer, (cfg, R, budget.eval_batch_size, L)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in jobs]
+        for i, fut in enumerate(concurrent.futures.as_completed(futures)):
+            fut.result()
+            if progress is not None:
+                progress.show(f"compiled {i + 1}/{len(jobs)} steps and scorers on {threads} threads",
+                              transient=True)
+    return time.perf_counter() - t0
+
+
 def _member(params_R: Any, r: int) -> Any:
     import jax
     return jax.tree.map(lambda a: a[r], params_R)
@@ -222,19 +285,28 @@ def meta(*, budget: Budget, mode: str, seed: int, command: str, peak_flops: floa
         "budget": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(budget).items()},
         "families": family_names,
         "tasks": {t.name: {"metric": t.metric, "vocab_size": t.vocab_size, "seq_len": t.seq_len,
+                           "model_vocab_size": T.model_vocab(t, task_list),
                            "source": None if t.source is None else repr(t.source)} for t in task_list},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def run(family_names: list[str], task_list: list[T.Task], budget: Budget, *, seed: int = 0, mode: str = "default",
-        command: str = "", show_progress: bool = True) -> dict:
-    """Every family on every task; returns the results dict (see docs/compare.md for the schema)."""
+        command: str = "", show_progress: bool = True, compile_threads: int | None = None) -> dict:
+    """Every family on every task; returns the results dict (see docs/compare.md for the schema).
+
+    compile_threads: size of the pool that compiles every sweep step and scorer up front, before
+      training (default 1: one by one; more showed no gain on the loaded 2-core CPU where it was
+      tried, docs/compare.md).
+    """
     t0 = time.perf_counter()
     peak = measure.matmul_peak_flops()
     progress = Progress(len(family_names) * len(task_list), enabled=show_progress)
     results = {"meta": meta(budget=budget, mode=mode, seed=seed, command=command, peak_flops=peak,
                             family_names=family_names, task_list=task_list), "families": {}}
+    threads = compile_threads or 1
+    results["meta"]["compile_threads"] = threads
+    results["meta"]["precompile_s"] = precompile(family_names, task_list, budget, threads, progress)
     for name in family_names:
         results["families"][name] = run_family(name, task_list, budget, seed, peak, progress)
     results["meta"]["wall_s"] = time.perf_counter() - t0

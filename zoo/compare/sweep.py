@@ -6,9 +6,11 @@ Python loop would compile nothing more, but runs R small steps where one batched
 CPU's matmul units busier). Every member starts from the same initial parameters and sees the
 same batches, so members differ only in their learning rate.
 
-The optimizer is `zoo.train.make_optimizer` with a unit peak learning rate; each member's update
-is multiplied by its own rate. AdamW's decoupled weight decay is applied as `lr * wd * w` inside
-optax, so the scaling leaves the semantics of (lr, weight_decay) unchanged.
+The optimizer is `zoo.train.make_optimizer` at a constant unit learning rate; each member's update
+is multiplied by its own rate times the schedule's factor at that step (warmup + cosine, computed
+on the host and passed in). AdamW's decoupled weight decay is applied as `lr * wd * w` inside
+optax, so the scaling leaves the semantics of (lr, schedule, weight_decay) unchanged, and the
+compiled step does not depend on the number of steps: tasks of one batch shape share it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import optax
 
 import zoo
+from zoo import optimizers as zoptimizers
 from zoo import train as ztrain
 
 if TYPE_CHECKING:
@@ -68,26 +71,41 @@ def _sweep_step(cfg: Any, optimizer: optax.GradientTransformation) -> Callable:
     return jax.jit(batched, donate_argnums=(0, 1))
 
 
-def _optimizer(cfg: Any, steps: int, warmup_steps: int, weight_decay: float) -> optax.GradientTransformation:
-    # The seed does not enter the optimizer, so it is left at TrainConfig's default.
-    tcfg = ztrain.TrainConfig(steps=steps, lr=1.0, warmup_steps=warmup_steps, weight_decay=weight_decay)
+def _optimizer(cfg: Any, weight_decay: float) -> optax.GradientTransformation:
+    """AdamW (with clipping and the decay mask) at a constant unit rate: the sweep step scales
+    each update by its member's rate times the schedule factor of the step."""
+    # The seed and step count do not enter a constant-rate optimizer; TrainConfig needs some.
+    tcfg = ztrain.TrainConfig(steps=1, lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=1.0,
+                              weight_decay=weight_decay)
     return ztrain.make_optimizer(tcfg, ztrain.decay_mask(cfg))
 
 
-#: Compiled sweep steps keyed by everything that shapes the executable (config, members, schedule,
-#: batch shape). A rerun with another seed, or a task with the same vocabulary, length and batch,
-#: reuses one compilation; compilation dominates a CPU-sized comparison.
+@functools.lru_cache(maxsize=16)
+def schedule_factors(steps: int, warmup_steps: int) -> np.ndarray:
+    """The learning-rate multiplier of each step (peak 1): `zoo.train`'s schedule (linear warmup
+    from 0, cosine decay to 10%) evaluated at steps 0 .. steps-1, as optax's count would."""
+    tcfg = ztrain.TrainConfig(steps=steps, lr=1.0, warmup_steps=warmup_steps)
+    with jax.numpy_dtype_promotion("standard"):
+        factors = np.asarray(zoptimizers.make_schedule(tcfg)(np.arange(steps)), np.float32)
+    factors.setflags(write=False)  # shared by the cache
+    return factors
+
+
+#: Compiled sweep steps keyed by everything that shapes the executable (config, members, weight
+#: decay, batch shape). The schedule and the step count are inputs, so the tasks of one shape
+#: group (same length, model vocabulary and batch) and a rerun with another seed or step count
+#: reuse one compilation; compilation dominates a CPU-sized comparison.
 _COMPILED: dict[tuple, tuple[Any, float, int]] = {}
 
 
-def _compiled_step(cfg, R, steps, warmup_steps, weight_decay, shape_BL, params, opt_state, lrs_R, batch):
+def _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch):
     """(executable, seconds its compilation took, XLA's peak bytes), compiled on first use of the key.
 
     A cache hit reports the compile seconds of the original compilation: the cost that the
     family's step pays once per run."""
-    key = (cfg, R, steps, warmup_steps, float(weight_decay), tuple(shape_BL))
+    key = (cfg, R, float(weight_decay), tuple(batch[0].shape))
     if key not in _COMPILED:
-        step_fn = _sweep_step(cfg, _optimizer(cfg, steps, warmup_steps, weight_decay))
+        step_fn = _sweep_step(cfg, _optimizer(cfg, weight_decay))
         t0 = time.perf_counter()
         compiled = step_fn.lower(params, opt_state, lrs_R, *batch).compile()
         compile_s = time.perf_counter() - t0
@@ -98,9 +116,31 @@ def _compiled_step(cfg, R, steps, warmup_steps, weight_decay, shape_BL, params, 
     return _COMPILED[key]
 
 
+def _abstract_state(cfg: Any, R: int, weight_decay: float) -> tuple[Any, Any]:
+    """Shapes of the stacked parameters and optimizer state of an R-member sweep (nothing allocated)."""
+    params = jax.eval_shape(lambda: init_sweep(cfg, R, 0))
+    optimizer = _optimizer(cfg, weight_decay)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = jax.eval_shape(jax.vmap(optimizer.init), params)
+    return params, opt_state
+
+
+def compile_step(cfg: Any, R: int, batch_size: int, seq_len: int, weight_decay: float = 0.1) -> float:
+    """Compile (and cache) the sweep step that `train_sweep` will use for this shape, from shapes
+    alone; returns its compile seconds. Safe to call from worker threads: XLA compiles without
+    the GIL, so a pool compiles several families at once (`harness.precompile`)."""
+    params, opt_state = _abstract_state(cfg, R, weight_decay)
+    int_BL = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    batch = (int_BL, int_BL, jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32))
+    lrs_R = jax.ShapeDtypeStruct((R,), jnp.float32)
+    return _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch)[1]
+
+
 def clear_cache() -> None:
-    """Drop the compiled sweep steps (they hold executables; a long process may want them gone)."""
+    """Drop the compiled sweep steps and scorers (they hold executables; a long process may want
+    them gone)."""
     _COMPILED.clear()
+    _SCORERS.clear()
 
 
 def init_sweep(cfg: Any, n: int, seed: int) -> Any:
@@ -118,27 +158,27 @@ def train_sweep(cfg: Any, lrs: tuple[float, ...], batches: Iterator[tuple[np.nda
     the mean over scored positions. Schedule: linear warmup then cosine decay to 10% (the
     project's `TrainConfig` defaults), AdamW b2 0.95, clipping at 1.
     """
-    optimizer = _optimizer(cfg, steps, warmup_steps, weight_decay)
+    optimizer = _optimizer(cfg, weight_decay)
+    factors_S = schedule_factors(steps, warmup_steps)
     R = len(lrs)
     params = init_sweep(cfg, R, seed)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = jax.vmap(optimizer.init)(params)
-    lrs_R = jnp.asarray(lrs, jnp.float32)
+    lrs_R = np.asarray(lrs, np.float32)
 
     def prepare(batch):
         inputs_BL, targets_BL = batch
         mask_BL = (targets_BL >= 0).astype(np.float32)
-        return inputs_BL, np.maximum(targets_BL, 0), mask_BL
+        return np.asarray(inputs_BL, np.int32), np.maximum(targets_BL, 0).astype(np.int32), mask_BL
 
     first = prepare(next(batches))
-    compiled, compile_s, peak_bytes = _compiled_step(cfg, R, steps, warmup_steps, weight_decay,
-                                                     first[0].shape, params, opt_state, lrs_R, first)
+    compiled, compile_s, peak_bytes = _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, first)
 
     losses, times = [], []
     batch = first
     for s in range(steps):
         t = time.perf_counter()
-        params, opt_state, loss_R = compiled(params, opt_state, lrs_R, *batch)
+        params, opt_state, loss_R = compiled(params, opt_state, lrs_R * factors_S[s], *batch)
         losses.append(np.asarray(loss_R))  # blocks: the step time includes the device work
         times.append(time.perf_counter() - t)
         if on_step is not None:
@@ -160,25 +200,59 @@ def sweep_logits(params_R: Any, inputs_BL: "Int[Array, 'B L']", cfg: Any) -> "Fl
     return _sweep_logits(params_R, inputs_BL, cfg)
 
 
-def accuracy_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Per-member accuracy over the scored positions of `batches` (argmax == target)."""
-    hits, total = 0.0, 0
+@functools.partial(jax.jit, static_argnames="cfg")
+def _sweep_scores(params_R, inputs_BL, targets_BL, cfg):
+    """(hits_R, nats_R): per member, the scored positions (target >= 0) whose argmax is the
+    target, and the summed cross-entropy there. One executable per shape serves both metrics,
+    and only 2R numbers leave the device."""
+    mask_BL = targets_BL >= 0
+    safe_BL = jnp.maximum(targets_BL, 0)
+
+    def one(p):
+        logits_BLV = zoo.model._forward(p, inputs_BL, cfg)[0].astype(jnp.float32)
+        hit_BL = (jnp.argmax(logits_BLV, axis=-1) == safe_BL) & mask_BL
+        ce_BL = jax.nn.logsumexp(logits_BLV, axis=-1) - jnp.take_along_axis(logits_BLV, safe_BL[..., None],
+                                                                           axis=-1)[..., 0]
+        return jnp.sum(hit_BL.astype(jnp.float32)), jnp.sum(jnp.where(mask_BL, ce_BL, 0.0))
+
+    return jax.vmap(one)(params_R)
+
+
+#: Compiled scorers keyed by (config, members, batch shape), like `_COMPILED`.
+_SCORERS: dict[tuple, Any] = {}
+
+
+def compile_scorer(cfg: Any, R: int, batch_size: int, seq_len: int) -> Any:
+    """The compiled `_sweep_scores` for this shape (cached; thread-safe like `compile_step`)."""
+    key = (cfg, R, batch_size, seq_len)
+    if key not in _SCORERS:
+        params = jax.eval_shape(lambda: init_sweep(cfg, R, 0))
+        int_BL = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+        _SCORERS[key] = _sweep_scores.lower(params, int_BL, int_BL, cfg).compile()
+    return _SCORERS[key]
+
+
+def _score_sums(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]]
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    hits, nats, count = 0.0, 0.0, 0
+    R = jax.tree.leaves(params_R)[0].shape[0]
     for inputs_BL, targets_BL in batches:
-        pred_RBL = np.asarray(jnp.argmax(sweep_logits(params_R, inputs_BL, cfg), axis=-1))
-        mask_BL = targets_BL >= 0
-        hits = hits + ((pred_RBL == targets_BL[None]) & mask_BL[None]).sum(axis=(1, 2))
-        total += int(mask_BL.sum())
-    return np.asarray(hits, np.float64) / max(total, 1)
+        scorer = compile_scorer(cfg, R, *inputs_BL.shape)
+        hits_R, nats_R = scorer(params_R, np.asarray(inputs_BL, np.int32), np.asarray(targets_BL, np.int32))
+        hits = hits + np.asarray(hits_R, np.float64)
+        nats = nats + np.asarray(nats_R, np.float64)
+        count += int((targets_BL >= 0).sum())
+    return np.asarray(hits), np.asarray(nats), count
+
+
+def accuracy_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Per-member accuracy over the scored positions (target >= 0) of `batches` (argmax == target)."""
+    hits, _nats, count = _score_sums(params_R, cfg, batches)
+    return hits / max(count, 1)
 
 
 def bits_per_token_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Per-member mean next-token loss in bits (bits per byte for byte-level data)."""
-    nats, count = 0.0, 0
-    for inputs_BL, targets_BL in batches:
-        logits_RBLV = sweep_logits(params_R, inputs_BL, cfg)
-        with jax.numpy_dtype_promotion("standard"):
-            ce_RBL = optax.softmax_cross_entropy_with_integer_labels(
-                logits_RBLV, jnp.broadcast_to(targets_BL, logits_RBLV.shape[:-1]))
-        nats = nats + np.asarray(ce_RBL, np.float64).sum(axis=(1, 2))
-        count += targets_BL.size
-    return np.asarray(nats, np.float64) / count / math.log(2)
+    """Per-member mean next-token loss in bits over the scored positions (bits per byte for
+    byte-level data, where every position is scored)."""
+    _hits, nats, count = _score_sums(params_R, cfg, batches)
+    return nats / max(count, 1) / math.log(2)

@@ -78,6 +78,14 @@ def default_tasks(mode: str) -> list[Task]:
     return [mqar(L, kv) for L, kv in pairs] + [selective_copy(), induction(), lm()]
 
 
+def model_vocab(task: Task, tasks: list[Task]) -> int:
+    """The model vocabulary for `task` in a run of `tasks`: the largest vocabulary among the tasks
+    of its sequence length. Tasks of one length then train one model shape, so a family compiles
+    one sweep step and one scorer per length instead of per task; a task's data only use its own
+    first `vocab_size` ids, and the extra output rows just learn to stay unlikely."""
+    return max(t.vocab_size for t in tasks if t.seq_len == task.seq_len)
+
+
 def select(tasks: list[Task], wanted: list[str]) -> list[Task]:
     """Tasks whose name is in `wanted` or whose group (name before the first '_' for MQAR) is."""
     return [t for t in tasks if t.name in wanted or (t.name.startswith("mqar_") and "mqar" in wanted)]
