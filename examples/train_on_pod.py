@@ -3,6 +3,8 @@ simulated CPU devices, on several processes, on a TPU pod or a GPU cluster; only
 
     # 8 simulated CPU devices, FSDP x TP
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/train_on_pod.py --mesh fsdp=4,tensor=2
+    # context parallelism: attention runs as ring attention, GLA/RetNet/Mamba scans pass states
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/train_on_pod.py --mesh fsdp=2,sequence=4
     # two processes on one machine (run both; 4 devices each)
     python examples/train_on_pod.py --mesh data=2,fsdp=4 --coordinator localhost:12355 --num-processes 2 --process-id 0
     # a TPU pod slice / SLURM job: jax finds the processes itself

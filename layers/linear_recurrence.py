@@ -176,6 +176,13 @@ def decayed_linear_attention(
     """
     _validate(q_BLHK, k_BLHK, v_BLHV, g, h0_BHKV, reset_BL, form, chunk_size)
     checks.one_of("decayed_linear_attention", "impl", impl, IMPLS)
+    # -- context parallelism (logic in sharding/context_scan.py): None unless the rules split seq --
+    from sharding import context_scan
+    split = context_scan.dispatch_linear(q_BLHK, k_BLHK, v_BLHV, g, h0_BHKV, reset_BL, scale=scale, form=form,
+                                         chunk_size=chunk_size, impl=impl)
+    if split is not None:
+        return split
+    # -- end context parallelism --
     L = q_BLHK.shape[1]
     if form == "chunked" and L > 0:
         impl = _auto_impl(chunk_size) if impl == "auto" else impl

@@ -225,11 +225,15 @@ def _ssd_chunked(x_BLGRP, a_BLGR, B_BLGN, C_BLGN, h_BGRPN, Q):
     to_end_BCGRQ = decay_BCGRQQ[..., -1, :]                 # token j -> end of its chunk
 
     # 1. Within chunks: y_i = sum_{j<=i} (C_i . B_j) decay[i, j] x_j.
+    # Contractions pairwise, decays applied as broadcasts: the contraction order is fixed here
+    # rather than left to einsum's path search over three operands.
     cb_BCGQQ = jnp.einsum("BCiGN,BCjGN->BCGij", C_BCQGN, B_BCQGN)
-    y_diag_BCQGRP = jnp.einsum("BCGij,BCGRij,BCjGRP->BCiGRP", cb_BCGQQ, decay_BCGRQQ, x_BCQGRP)
+    w_BCGRQQ = cb_BCGQQ[:, :, :, None] * decay_BCGRQQ
+    y_diag_BCQGRP = jnp.einsum("BCGRij,BCjGRP->BCiGRP", w_BCGRQQ, x_BCQGRP)
 
     # 2. The state each chunk adds by its end, from a zero start.
-    s_BCGRPN = jnp.einsum("BCGRj,BCjGRP,BCjGN->BCGRPN", to_end_BCGRQ, x_BCQGRP, B_BCQGN)
+    xe_BCQGRP = jnp.moveaxis(to_end_BCGRQ, -1, 2)[..., None] * x_BCQGRP
+    s_BCGRPN = jnp.einsum("BCjGRP,BCjGN->BCGRPN", xe_BCQGRP, B_BCQGN)
 
     # 3. Carry states across chunks: h_c = exp(sum of chunk c's log-decays) h_{c-1} + s_c.
     def carry(h_BGRPN, inputs):
@@ -241,7 +245,8 @@ def _ssd_chunked(x_BLGRP, a_BLGR, B_BLGN, C_BLGN, h_BGRPN, Q):
     h_in_BCGRPN = jnp.moveaxis(h_in_CBGRPN, 0, 1)
 
     # 4. What the state entering each chunk contributes to its tokens.
-    y_off_BCQGRP = jnp.einsum("BCiGN,BCGRPN,BCGRi->BCiGRP", C_BCQGN, h_in_BCGRPN, jnp.exp(cum_BCGRQ))
+    y_off_BCQGRP = (jnp.einsum("BCiGN,BCGRPN->BCiGRP", C_BCQGN, h_in_BCGRPN)
+                    * jnp.moveaxis(jnp.exp(cum_BCGRQ), -1, 2)[..., None])
     y_BLGRP = (y_diag_BCQGRP + y_off_BCQGRP).reshape(Bsz, nC * Q, G, R, Pd)[:, :L]
     return y_BLGRP, h_BGRPN
 

@@ -51,6 +51,37 @@ def mesh_axis_size(axis: str) -> int:
     return 1 if current is None else current[0].shape.get(axis, 1)
 
 
+def sequence_axis() -> str | None:
+    """The mesh axis that the active rules put the sequence (`seq`) on, when it has more than one
+    device; None without active rules, when `seq` stays unsplit, or inside a shard_map that
+    already made that axis manual (a context-parallel layer calling its own local form)."""
+    current = _ACTIVE.get()
+    if current is None:
+        return None
+    mesh, table = current
+    target = dict(table).get("seq")
+    axes = [a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if mesh.shape.get(a, 1) > 1]
+    # One sequence axis: the ring and the state scan run over a single named axis.
+    if len(axes) != 1 or axes[0] in jax.sharding.get_abstract_mesh().manual_axes:
+        return None
+    return axes[0]
+
+
+def sequence_split(batch: int, length: int, multiple: int = 1) -> "tuple[Mesh, str, tuple[str, ...]] | None":
+    """(mesh, sequence axis, batch axes) for a context-parallel layer on a [batch, length] input:
+    None unless `sequence_axis()` is set and `length` is a multiple of `multiple` times its size.
+    The batch axes are those the rules give a batch of this size (the sequence axis excluded)."""
+    axis = sequence_axis()
+    if axis is None:
+        return None
+    mesh, table = _ACTIVE.get()
+    if length % (mesh.shape[axis] * multiple):
+        return None
+    spec = R.spec_for(("seq", "batch"), (length, batch), mesh, table)[1]
+    batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return mesh, axis, batch_axes
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """`x` placed as the active rules say for these logical axes; unchanged without active rules."""
     current = _ACTIVE.get()

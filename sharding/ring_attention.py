@@ -12,6 +12,11 @@ Load balance (causal): with contiguous blocks, device 0's queries see one block 
 see n. `zigzag` reorders the sequence into 2n chunks so that device i holds chunks i and
 2n-1-i: every device then has the same number of unmasked (query, key) pairs. Since masks follow
 positions, the reordered tokens need no other change; `unzigzag` restores the output's order.
+`ring_attention(..., balance=True)` does this reordering itself, inside the shard_map: device i
+holds contiguous chunks 2i and 2i+1, and chunk c belongs to device c (c < n) or 2n-1-c; every
+device receives one even and one odd chunk, so two `ppermute`s move the inputs into the zigzag
+layout and two move the output back. This is what layers.attention_core.attend uses under the
+`cp` rules, so the model keeps its tokens in order (the recurrent layers of a hybrid need that).
 """
 
 from __future__ import annotations
@@ -66,6 +71,28 @@ def _block(q_BLGRK, k_BSGK, v_BSGK, mask_BLS, carry, *, scale, softcap):
     return m_new, l_new, o_new
 
 
+def _zigzag_perms(n):
+    """ppermute pairs moving each device's (first, second) half-block to its zigzag owner."""
+    owner = [c if c < n else 2 * n - 1 - c for c in range(2 * n)]
+    return [(i, owner[2 * i]) for i in range(n)], [(i, owner[2 * i + 1]) for i in range(n)]
+
+
+def _to_zigzag(x, axis, n):
+    """Local contiguous block (chunks 2i, 2i+1) -> this device's zigzag pair, [even, odd] order
+    (positions travel with the tokens, so the order inside a device does not matter)."""
+    first, second = jnp.split(x, 2, axis=1)
+    to_even, to_odd = _zigzag_perms(n)
+    return jnp.concatenate([jax.lax.ppermute(first, axis, to_even), jax.lax.ppermute(second, axis, to_odd)], axis=1)
+
+
+def _from_zigzag(x, axis, n):
+    even, odd = jnp.split(x, 2, axis=1)
+    to_even, to_odd = _zigzag_perms(n)
+    back = lambda perm: [(dst, src) for src, dst in perm]
+    return jnp.concatenate([jax.lax.ppermute(even, axis, back(to_even)), jax.lax.ppermute(odd, axis, back(to_odd))],
+                           axis=1)
+
+
 def _ring(q_BLHK, k_BSGK, v_BSGK, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, *, axis, n, causal, window, scale,
           softcap):
     B, L, H, K = q_BLHK.shape
@@ -98,10 +125,13 @@ def ring_attention(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S
                    k_pos_BS: "Int[Array, 'B S']", q_seg_BL: "Int[Array, 'B L'] | None" = None,
                    k_seg_BS: "Int[Array, 'B S'] | None" = None, mesh: Mesh, axis: str = "sequence",
                    batch_axes: tuple[str, ...] = (), causal: bool = True, window: int | None = None,
-                   scale: float | None = None, softcap: float | None = None) -> "Float[Array, 'B L H K']":
+                   scale: float | None = None, softcap: float | None = None,
+                   balance: bool = False) -> "Float[Array, 'B L H K']":
     """Attention with the sequence split over mesh axis `axis` (and the batch over `batch_axes`);
     same arguments and result as layers.attention_core.attend (no ALiBi). Inputs are in the
     sequence order the caller chose (e.g. `zigzag`-ed); positions say where each token really is.
+    balance: move the blocks into the zigzag layout inside the call and the output back (causal
+      load balance for inputs in sequence order; lengths a multiple of 2 * the axis size).
     """
     if mesh.shape.get(axis, 1) < 1 or axis not in mesh.shape:
         raise ValueError(f"ring_attention: mesh has no axis {axis!r}; its axes are {dict(mesh.shape)}")
@@ -113,6 +143,9 @@ def ring_attention(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S
     if q_BLHK.shape[2] % k_BSGK.shape[2]:
         raise ValueError(f"ring_attention: query heads {q_BLHK.shape[2]} must be a multiple of key/value "
                          f"heads {k_BSGK.shape[2]}")
+    if balance and (q_BLHK.shape[1] % (2 * n) or k_BSGK.shape[1] % (2 * n)):
+        raise ValueError(f"ring_attention: balance=True needs lengths that are multiples of 2 * {n}, got "
+                         f"{q_BLHK.shape[1]} and {k_BSGK.shape[1]}")
     scale = q_BLHK.shape[-1] ** -0.5 if scale is None else scale
     if q_seg_BL is None or k_seg_BS is None:
         q_seg_BL = jnp.zeros(q_pos_BL.shape, jnp.int32)
@@ -121,8 +154,11 @@ def ring_attention(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S
     seq4, seq2 = PartitionSpec(b, axis, None, None), PartitionSpec(b, axis)
 
     def body(q, k, v, qp, kp, qs, ks):
-        return _ring(q, k, v, qp, kp, qs, ks, axis=axis, n=n, causal=causal, window=window, scale=scale,
-                     softcap=softcap)
+        if balance:
+            q, k, v, qp, kp, qs, ks = (_to_zigzag(a, axis, n) for a in (q, k, v, qp, kp, qs, ks))
+        out = _ring(q, k, v, qp, kp, qs, ks, axis=axis, n=n, causal=causal, window=window, scale=scale,
+                    softcap=softcap)
+        return _from_zigzag(out, axis, n) if balance else out
 
     fn = jax.shard_map(body, mesh=mesh, in_specs=(seq4, seq4, seq4, seq2, seq2, seq2, seq2), out_specs=seq4,
                        check_vma=False)

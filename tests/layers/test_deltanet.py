@@ -448,3 +448,33 @@ def test_wrong_input_width_names_the_argument():
     cfg = CONFIGS["plain_chunked"]
     with pytest.raises(ValueError, match="x_BLD"):
         deltanet.forward(_params(cfg), jnp.ones((1, 3, D + 1)), cfg=cfg)
+
+
+# ----- the matmul-only triangular inverse of the chunked form -----
+
+
+@pytest.mark.parametrize("C", [3, 64])
+def test_unit_lower_inverse_matches_triangular_solve(C):
+    """(I + M)^{-1} by the doubling product equals XLA's triangular solve, values and gradients,
+    for M as the chunked form builds it: beta_i k_i.k_j below the diagonal, unit keys (K = 8)."""
+    kk, kb, kr = jax.random.split(jax.random.key(C), 3)
+    k = jax.random.normal(kk, (2, 3, C, 8), jnp.float32)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jax.random.uniform(kb, (2, 3, C, 1), jnp.float32, 0.05, 0.95)
+    m = jnp.tril(beta * jnp.einsum("...ik,...jk->...ij", k, k), -1)
+    r = jax.random.normal(kr, (2, 3, C, C), jnp.float32)
+    eye = jnp.broadcast_to(jnp.eye(C, dtype=jnp.float32), m.shape)
+
+    def solved(m):
+        return jax.lax.linalg.triangular_solve(m + eye, eye, left_side=True, lower=True, unit_diagonal=True)
+
+    @jax.jit
+    def both(m):
+        fast = deltanet._unit_lower_inverse(m)
+        grad_fast = jax.grad(lambda m: jnp.sum(deltanet._unit_lower_inverse(m) * r))(m)
+        grad_ref = jax.grad(lambda m: jnp.sum(solved(m) * r))(m)
+        return fast, solved(m), grad_fast, grad_ref
+
+    fast, ref, grad_fast, grad_ref = both(m)
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jnp.tril(grad_fast, -1), jnp.tril(grad_ref, -1), rtol=1e-4, atol=1e-4)
