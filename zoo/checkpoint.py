@@ -30,6 +30,24 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 _ITEMS = ("params", "opt_state", "extra")
 
+#: A run folder (`zoo train --out DIR`) keeps its orbax steps here, beside config.json,
+#: metrics.jsonl and tokenizer.json.
+RUN_CHECKPOINTS = "checkpoints"
+
+
+def run_checkpoints(folder: str | os.PathLike) -> str:
+    """Where the steps of a run folder live: `folder/checkpoints`, or `folder` itself when it
+    already holds numbered steps (the layout of runs written before run folders had a
+    checkpoints/ subfolder, and of `zoo convert` checkpoints)."""
+    folder = os.fspath(folder)
+    nested = os.path.join(folder, RUN_CHECKPOINTS)
+    if os.path.isdir(nested):
+        return nested
+    if os.path.isdir(folder) and any(n.isdigit() and os.path.isdir(os.path.join(folder, n))
+                                     for n in os.listdir(folder)):
+        return folder
+    return nested
+
 
 class CorruptCheckpointError(ValueError):
     """A step directory exists but its contents cannot be read back."""

@@ -90,7 +90,7 @@ def test_train_on_jsonl_documents_writes_metrics_beside_checkpoints(tmp_path, ca
     assert "40 documents" in out and "val bits/byte" in out
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
-    assert (ckpt / "2").is_dir()
+    assert (ckpt / "checkpoints" / "2").is_dir() and (ckpt / "config.json").is_file()
 
 
 @pytest.mark.slow

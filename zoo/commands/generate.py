@@ -112,14 +112,14 @@ def _load_params(args, parser, cfg):
 
     if args.ckpt is None:
         return zoo.init(jax.random.key(args.seed), cfg)
-    from zoo.checkpoint import Checkpointer
+    from zoo.checkpoint import Checkpointer, run_checkpoints
 
-    steps = Checkpointer(args.ckpt).all_steps()
+    steps = Checkpointer(run_checkpoints(args.ckpt)).all_steps()
     if not steps:
         parser.error(f"--ckpt: no checkpoint found in {args.ckpt!r}")
     target = P.abstract(zoo.param_specs(cfg))
     # Only the params item: the optimizer state's structure depends on settings we do not need.
-    manager = ocp.CheckpointManager(Checkpointer(args.ckpt).directory,
+    manager = ocp.CheckpointManager(Checkpointer(run_checkpoints(args.ckpt)).directory,
                                     item_handlers={"params": ocp.StandardCheckpointHandler()})
     try:
         return manager.restore(steps[-1], args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]

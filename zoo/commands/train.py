@@ -6,7 +6,7 @@ validation bits per byte (or task accuracy) and sample greedily.
     zoo train --task mqar --seq-len 64 --steps 500
     zoo train --tokenizer bpe --vocab-size 1024 --out runs/bpe     # BPE trained on the train split
 
-A run folder (--checkpoint-dir, alias --out) holds the checkpoints, metrics.jsonl, config.json
+A run folder (--checkpoint-dir, alias --out) holds checkpoints/ (orbax steps), metrics.jsonl, config.json
 (the model config, so `zoo generate --ckpt DIR` needs no --preset) and, for --tokenizer bpe,
 tokenizer.json.
 """
@@ -259,7 +259,7 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import numpy as np
 
     from sharding import cli as sharding_cli
-    from zoo import data, generate, tasks, train
+    from zoo import checkpoint, data, generate, tasks, train
     from zoo import tokenizer as ztok
 
     mesh, rules = sharding_cli.setup(args, parser)  # first: jax.distributed precedes any device use
@@ -318,7 +318,8 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     t0 = time.perf_counter()
     try:
         params, _history = train.train(cfg, tcfg, data=train_data, val_data=val_data,
-                                       checkpoint_dir=args.checkpoint_dir, save_every=args.save_every,
+                                       checkpoint_dir=None if args.checkpoint_dir is None else
+                                       checkpoint.run_checkpoints(args.checkpoint_dir), save_every=args.save_every,
                                        keep_last=args.keep_last, keep_best=args.keep_best, resume=args.resume,
                                        metrics_jsonl=metrics_jsonl, tensorboard_dir=args.tensorboard,
                                        peak_flops=args.peak_flops, mesh=mesh, rules=rules,
