@@ -1,13 +1,16 @@
 """Time per token against sequence length, training and decoding, per family.
 
-    python benchmarks/seq_len.py --lengths 1024 2048 4096 8192 16384
+    python benchmarks/seq_len.py                    # one preset per decoder family, 1k..16k
+    python benchmarks/seq_len.py --presets llama-tiny mamba2-tiny --lengths 1024 4096 --json rows.json
 
 Training: one forward + backward of the LM loss on one row of L tokens (no optimizer), seconds
 per token. Decoding: one `zoo.step` with a decoding state of capacity L, seconds per token (an
 attention step reads its whole cache, so an empty cache of capacity L costs what a full one
 does; a recurrent state does not grow). Before running, each program is compiled and its
 `memory_analysis()` checked: programs needing more than --max-gib are skipped and say so (the
-XLA attention materialises the L x L scores). Best of --repeats; the machine is shared.
+XLA attention materialises the L x L scores). Best of --repeats runs (fewer once the runs of
+one cell have taken --budget-s seconds: a 16k-token step of a slow family takes a minute on a
+loaded 2-core CPU); the machine is shared.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import numpy as np
 import zoo
 from zoo import train
 
-FAMILIES = ("llama-tiny", "mamba-tiny", "mamba2-tiny", "rwkv7-tiny", "retnet-tiny", "xlstm-tiny", "gla-tiny",
-            "gated-deltanet-tiny")
+# One preset per decoder family (softmax attention first, then the recurrent and hybrid ones).
+FAMILIES = ("llama-tiny", "mistral-tiny", "mla-tiny", "mixtral-tiny", "mamba-tiny", "mamba2-tiny", "rwkv4-tiny",
+            "rwkv7-tiny", "retnet-tiny", "gla-tiny", "deltanet-tiny", "gated-deltanet-tiny", "linear-attention-tiny",
+            "xlstm-tiny", "mingru-tiny", "minlstm-tiny", "hybrid-tiny")
 
 
 def _compiled(fn, *args):
@@ -34,17 +39,27 @@ def _compiled(fn, *args):
     return compiled, need
 
 
-def _best(compiled, args, repeats: int) -> float:
+def _best(compiled, args, repeats: int, budget_s: float) -> float:
+    """Best of `repeats` timed runs after one warm-up, stopping early once `budget_s` is spent
+    (a warm-up over the budget is itself the one sample: the program is already compiled)."""
+    t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
+    spent = best = time.perf_counter() - t0
+    if spent > budget_s:
+        return best
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        best, spent = min(best, took), spent + took
+        if spent > budget_s:
+            break
     return best
 
 
-def measure(name: str, length: int, *, max_bytes: float, repeats: int, decode_steps: int) -> dict:
+def measure(name: str, length: int, *, max_bytes: float, repeats: int, decode_steps: int,
+            budget_s: float = 30.0) -> dict:
     cfg = zoo.presets.get(name, max_len=max(length, 256))
     params = zoo.init(jax.random.key(0), cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, length + 1), dtype=np.int32))
@@ -59,7 +74,7 @@ def measure(name: str, length: int, *, max_bytes: float, repeats: int, decode_st
         row["train_s_per_token"] = None
         row["train_skipped"] = f"needs {need / 2**30:.1f} GiB > --max-gib"
     else:
-        row["train_s_per_token"] = _best(compiled, (params, tokens), repeats) / length
+        row["train_s_per_token"] = _best(compiled, (params, tokens), repeats, budget_s) / length
     del compiled
 
     state = zoo.init_state(cfg, 1, length)
@@ -77,7 +92,7 @@ def measure(name: str, length: int, *, max_bytes: float, repeats: int, decode_st
         row["decode_s_per_token"] = None
         row["decode_skipped"] = f"needs {need / 2**30:.1f} GiB > --max-gib"
     else:
-        row["decode_s_per_token"] = _best(compiled, (params, tokens[:, 0], state), repeats) / decode_steps
+        row["decode_s_per_token"] = _best(compiled, (params, tokens[:, 0], state), repeats, budget_s) / decode_steps
     row["state_bytes"] = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
     return row
 
@@ -89,6 +104,8 @@ def main(argv=None):
     parser.add_argument("--max-gib", type=float, default=3.0, help="skip programs needing more memory")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps per timing (one scan)")
+    parser.add_argument("--budget-s", type=float, default=30.0, help="stop repeating a cell after this long")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the rows here (as they come)")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch 1; presets at their tiny sizes "
           f"(d_model 64); us per token")
@@ -97,8 +114,11 @@ def main(argv=None):
     for name in args.presets:
         for length in args.lengths:
             r = measure(name, length, max_bytes=args.max_gib * 2**30, repeats=args.repeats,
-                        decode_steps=args.decode_steps)
+                        decode_steps=args.decode_steps, budget_s=args.budget_s)
             rows.append(r)
+            if args.json_path:
+                with open(args.json_path, "w") as f:
+                    json.dump(rows, f, indent=1)
             t = "skipped" if r["train_s_per_token"] is None else f"{r['train_s_per_token'] * 1e6:.1f}"
             d = "skipped" if r["decode_s_per_token"] is None else f"{r['decode_s_per_token'] * 1e6:.0f}"
             print(f"{name:<22}{length:>7}{t:>14}{d:>15}{r['state_bytes'] / 2**10:>9.0f}KiB", flush=True)

@@ -56,6 +56,9 @@ class ReportConfig:
       parts: which of PARTS to report.
       depths: n_layers values at which to time the train step's compilation, scanned and
         unrolled (empty: no depth sweep).
+      compile: compile each part and read XLA's analyses; False stops after lowering (seconds
+        instead of minutes for a large preset): the jaxpr and model FLOPs and the StableHLO op
+        count remain, the XLA FLOPs, bytes, memory and collectives are left out.
     """
 
     batch_size: int = 1
@@ -65,6 +68,7 @@ class ReportConfig:
     rules: str | None = None
     parts: tuple[str, ...] = PARTS
     depths: tuple[int, ...] = ()
+    compile: bool = True
 
     def __post_init__(self):
         name = "ReportConfig"
@@ -383,11 +387,10 @@ def _cost(compiled) -> dict:
             "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def report_part(cfg: ModelConfig, rcfg: ReportConfig, part: str, place: _Placement | None = None) -> dict:
-    """Lower and compile one of PARTS and measure it."""
-    place = place or _Placement(None, None)
-    fn, args = _PROGRAMS[part](cfg, rcfg, place)
-    traced, compiled, lower_s, compile_s = lower_and_compile(fn, args, place)
+_STABLEHLO_OP_RE = re.compile(r"^\s*(?:%[\w#:]+(?:, %[\w#:]+)* = )?\"?(?:stablehlo|chlo)\.", re.MULTILINE)
+
+
+def _flop_counts(cfg, rcfg: ReportConfig, part: str, traced) -> dict:
     flops, exact = jaxpr_flops(traced.jaxpr.jaxpr)
     decode = part == "decode"
     tokens = rcfg.batch_size * (1 if decode else rcfg.seq_len)
@@ -396,9 +399,31 @@ def report_part(cfg: ModelConfig, rcfg: ReportConfig, part: str, place: _Placeme
         per_token = model_flops_per_token(cfg, (rcfg.cache_len or rcfg.seq_len) if decode else rcfg.seq_len,
                                           decode=decode)
         model = tokens * per_token * (3 if part == "train" else 1)
+    return {"jaxpr_flops": float(flops), "jaxpr_flops_exact": exact, "model_flops": model, "tokens": tokens}
+
+
+def lower_part(cfg: Any, rcfg: ReportConfig, part: str, place: _Placement | None = None) -> dict:
+    """Trace and lower one of PARTS without compiling it: seconds, FLOP counts and the number of
+    StableHLO operations (before XLA's optimisations)."""
+    place = place or _Placement(None, None)
+    fn, args = _PROGRAMS[part](cfg, rcfg, place)
+    with _no_persistent_cache(), place.active():
+        t0 = time.perf_counter()
+        traced = fn.trace(*args)
+        text = traced.lower().as_text()
+        lower_s = time.perf_counter() - t0
+    return {"lower_s": lower_s, **_flop_counts(cfg, rcfg, part, traced),
+            "stablehlo_ops": len(_STABLEHLO_OP_RE.findall(text))}
+
+
+def report_part(cfg: ModelConfig, rcfg: ReportConfig, part: str, place: _Placement | None = None) -> dict:
+    """Lower and compile one of PARTS and measure it."""
+    place = place or _Placement(None, None)
+    fn, args = _PROGRAMS[part](cfg, rcfg, place)
+    traced, compiled, lower_s, compile_s = lower_and_compile(fn, args, place)
     return {"lower_s": lower_s, "compile_s": compile_s, **_cost(compiled),
-            "jaxpr_flops": float(flops), "jaxpr_flops_exact": exact, "model_flops": model,
-            "tokens": tokens, "memory_per_device": _memory(compiled), **hlo_stats(compiled.as_text())}
+            **_flop_counts(cfg, rcfg, part, traced),
+            "memory_per_device": _memory(compiled), **hlo_stats(compiled.as_text())}
 
 
 def compile_seconds(cfg: ModelConfig, rcfg: ReportConfig, part: str = "train") -> float:
@@ -459,7 +484,7 @@ def report(cfg: Any, rcfg: ReportConfig, *, name: str | None = None) -> dict:
             out["parts"][part] = {"skipped": not_decoder}
             continue
         try:
-            out["parts"][part] = report_part(cfg, rcfg, part, place)
+            out["parts"][part] = (report_part if rcfg.compile else lower_part)(cfg, rcfg, part, place)
         except TypeError as e:
             if not not_decoder:
                 raise
@@ -492,6 +517,14 @@ def _bytes(x: float | None) -> str:
     return f"{int(x)} B"
 
 
+def _cell(cell: Callable[[dict], str], part: dict) -> str | None:
+    """A table cell, or None where the part lacks the field (a lowered-only report)."""
+    try:
+        return cell(part)
+    except KeyError:
+        return None
+
+
 def format_report(rep: dict) -> str:
     """A readable table of a `report` dict."""
     model, shape = rep["model"], rep["shape"]
@@ -522,12 +555,16 @@ def format_report(rep: dict) -> str:
         ("                 total", lambda r: _bytes(r["memory_per_device"].get("total_bytes"))),
         ("HLO instructions", lambda r: f"{r['hlo_instructions']:,}"),
         ("HLO fusions", lambda r: f"{r['hlo_fusions']:,}"),
+        ("StableHLO ops (lowered, not compiled)", lambda r: f"{r['stablehlo_ops']:,}"),
         *[(f"collectives: {kind}", (lambda k: lambda r: str(r["collectives"][k]))(kind)) for kind in COLLECTIVES],
     ]
     width = max(len(label) for label, _ in rows) + 2
     lines.append(" " * width + "".join(f"{p:>16}" for p in parts))
     for label, cell in rows:
-        cells = ["skipped" if "skipped" in rep["parts"][p] else cell(rep["parts"][p]) for p in parts]
+        cells = ["skipped" if "skipped" in rep["parts"][p] else _cell(cell, rep["parts"][p]) for p in parts]
+        if all(c in (None, "skipped") for c in cells):  # a field this kind of report lacks
+            continue
+        cells = ["-" if c is None else c for c in cells]
         lines.append(f"{label:<{width}}" + "".join(f"{c:>16}" for c in cells))
     for p in parts:
         if "skipped" in rep["parts"][p]:

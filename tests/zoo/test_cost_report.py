@@ -148,13 +148,67 @@ def test_llama3_8b_is_reported_without_allocating_it(capsys):
     assert rep["parts"]["decode"]["xla_flops"] > 0
 
 
+def _one_repeat(name: str):
+    """The preset with one repeat of its pattern (after any prefix blocks): every layer kind, once."""
+    cfg = zoo.presets.get(name)
+    if isinstance(cfg, zoo.ModelConfig):
+        cfg = dataclasses.replace(cfg, n_layers=len(cfg.prefix) + len(cfg.pattern))
+    return cfg
+
+
+@pytest.mark.parametrize("name", zoo.presets.names())
+def test_lowered_report_works_for_every_preset(name):
+    # Default run: every preset's forward (and decode step, for decoders) is traced and lowered,
+    # not compiled, so all presets fit the test budget; the compiled report of every preset and
+    # part is the slow test below.
+    cfg = _one_repeat(name)
+    decoder = isinstance(cfg, zoo.ModelConfig)
+    rep = cr.report(cfg, cr.ReportConfig(batch_size=1, seq_len=16, parts=("forward", "decode"), compile=False),
+                    name=name)
+    assert rep["params"] > 0 and rep["param_bytes"] >= 2 * rep["params"], name
+    fwd, dec = rep["parts"]["forward"], rep["parts"]["decode"]
+    assert fwd["lower_s"] > 0 and fwd["stablehlo_ops"] > 10 and fwd["tokens"] == 16, name
+    assert fwd["jaxpr_flops"] > 0 and fwd["jaxpr_flops_exact"], name
+    assert "compile_s" not in fwd and "memory_per_device" not in fwd  # nothing was compiled
+    if decoder:
+        assert fwd["model_flops"] > 0 and rep["active_params"] > 0, name
+        assert dec["jaxpr_flops"] > 0 and dec["tokens"] == 1, name
+        # One token costs less than sixteen in matmuls, whatever the family.
+        assert dec["jaxpr_flops"] < fwd["jaxpr_flops"], name
+    else:
+        assert "skipped" in dec and fwd["model_flops"] is None, name
+    text = cr.format_report(rep)
+    assert "StableHLO ops" in text and "compile s" not in text
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "t5-tiny", "hybrid-tiny"])
+def test_compiled_forward_report_for_each_model_kind(name):
+    # One encoder, one encoder-decoder, one heterogeneous hybrid decoder (llama-tiny's full report
+    # is the CLI test above): the compiled report's XLA fields are there and consistent.
+    cfg = _one_repeat(name)
+    rep = cr.report(cfg, cr.ReportConfig(batch_size=1, seq_len=16, parts=("forward",)), name=name)
+    fwd = rep["parts"]["forward"]
+    assert fwd["compile_s"] > 0 and fwd["xla_flops"] > 0 and fwd["hlo_instructions"] > 10, name
+    # Each returns fp32 logits over the vocabulary for the 16 tokens.
+    assert fwd["memory_per_device"]["output_bytes"] == 16 * cfg.vocab_size * 4, name
+    lowered = cr.report(cfg, cr.ReportConfig(batch_size=1, seq_len=16, parts=("forward",), compile=False))
+    assert lowered["parts"]["forward"]["jaxpr_flops"] == fwd["jaxpr_flops"], name
+
+
+def test_cli_report_no_compile(capsys):
+    rc = cli.main(["report", "--preset", "t5-tiny", "--seq-len", "8", "--no-compile", "--json", "-"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["parts"]["forward"]) == {"lower_s", "jaxpr_flops", "jaxpr_flops_exact", "model_flops",
+                                            "tokens", "stablehlo_ops"}
+    assert rep["parts"]["train"]["skipped"].startswith("EncDecConfig")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.presets.names())
 def test_report_works_for_every_preset(name):
-    cfg = zoo.presets.get(name)
+    cfg = _one_repeat(name)
     decoder = isinstance(cfg, zoo.ModelConfig)
-    if decoder:  # one repeat of the pattern (after any prefix blocks) exercises every layer kind
-        cfg = dataclasses.replace(cfg, n_layers=len(cfg.prefix) + len(cfg.pattern))
     rep = cr.report(cfg, cr.ReportConfig(batch_size=1, seq_len=32), name=name)
     assert rep["parts"]["forward"].get("xla_flops", 0) > 0, name
     for part_name, part in rep["parts"].items():

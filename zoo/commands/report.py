@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
     r.add_argument("--parts", type=_parts, default=PARTS, help="subset of forward,train,decode (default all)")
     r.add_argument("--depths", type=_depths, default=(),
                    help="also time the train step's compilation at these layer counts, scanned and unrolled")
+    r.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="stop after lowering: FLOP counts and StableHLO size in seconds, no XLA analyses")
     r.add_argument("--unrolled", action="store_true", help="unroll the layers instead of scanning them")
     r.add_argument("--remat", default=None, help="remat policy (zoo.config.REMAT_POLICIES)")
     r.add_argument("--dtype", default=None, help="compute dtype (float32, bfloat16, float16)")
@@ -109,7 +111,8 @@ def cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     seq_len = args.seq_len or min(getattr(cfg, "max_len", 2048), 2048)
     try:
         rcfg = cost_report.ReportConfig(batch_size=args.batch_size, seq_len=seq_len, cache_len=args.cache_len,
-                                        mesh=args.mesh, rules=args.rules, parts=args.parts, depths=args.depths)
+                                        mesh=args.mesh, rules=args.rules, parts=args.parts, depths=args.depths,
+                                        compile=args.compile)
     except ConfigError as e:
         field = str(e).split(".")[1].split(":")[0].split("[")[0]
         parser.error(f"--{field.replace('_', '-')}: {e}")
