@@ -3,19 +3,22 @@ LlamaForCausalLM on the same config, run alternately in one process.
 
     python benchmarks/train_vs_torch.py                      # the ratio, default config
     python benchmarks/train_vs_torch.py --breakdown          # where the JAX step's time goes
-    python benchmarks/train_vs_torch.py --variant impl=reference --variant remat=full
+    python benchmarks/train_vs_torch.py --variant impl=xla_blocked --variant impl=xla_blocked,scan_layers=false
+    taskset -c 0 python benchmarks/train_vs_torch.py --attention --clock cpu   # the attention core alone
+    taskset -c 0 python benchmarks/train_vs_torch.py --mlp --clock cpu --rounds 7   # one MLP layer
 
 Config (issue 8): d_model 256, 4 layers, 4 heads, 2 KV heads, d_ff 688, vocab 256, batch 8 x 256,
 fp32, AdamW with global-norm clipping 1.0 on both sides. Each round times `--steps` JAX steps then
-`--steps` PyTorch steps; the best round of each is reported (the machine is shared: the best
-round is the least disturbed one) with their ratio. XLA flags must be set before JAX starts:
+`--steps` PyTorch steps; medians over rounds are reported with their ratio (and the best rounds'
+ratio), with each side's process CPU time per step (the figure to track on one pinned core under
+load), the thread count of each runtime and the load average (the machine is shared). XLA flags
+must be set before JAX starts:
 pass them in the environment (XLA_FLAGS=...) and compare ratios, not absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -56,12 +59,12 @@ def jax_step(cfg, batch: int, seq_len: int):
     inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
     state = [params, opt_state]
 
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
+    def run(n: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             state[0], state[1], metrics = step(state[0], state[1], inputs, targets)
         jax.block_until_ready(metrics["loss"])
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     run(2)  # compile and warm up
     return run
@@ -92,11 +95,11 @@ def torch_step(batch: int, seq_len: int, attn: str = "sdpa"):
         opt.step()
         return loss
 
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
+    def run(n: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             one()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     run(2)
     return run
@@ -107,58 +110,92 @@ def _parse_variant(text: str) -> dict:
     for item in text.split(","):
         key, _, value = item.partition("=")
         out[key] = {"true": True, "false": False}.get(value.lower(), value)
-        if key not in ("attn_chunk", "impl", "scan_layers", "remat", "dtype"):
-            raise SystemExit(f"--variant: unknown key {key!r} (attn_chunk, impl, scan_layers, remat, dtype)")
+        if key not in ("impl", "scan_layers", "remat", "dtype"):
+            raise SystemExit(f"--variant: unknown key {key!r} (impl, scan_layers, remat, dtype)")
     return out
+
+
+def _xla_threads() -> int:
+    """Threads of XLA's CPU intra-op pool in this process (named tf_XLAEigen on Linux)."""
+    try:
+        return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "tf_XLAEigen"
+                   for t in os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
 
 
 def compare(args) -> list[dict]:
     """The default config and each --variant (one JAX step each) and PyTorch, timed alternately
-    in rounds in this one process; ratios are to PyTorch's best round."""
+    in rounds in this one process; ratios are of medians over rounds (and of best rounds)."""
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     variants = [{}] + [_parse_variant(v) for v in args.variant]
-    cfgs = [jax_config(args.seq_len, **{k: x for k, x in v.items() if k != "attn_chunk"}) for v in variants]
-    runs = []
-    for v, cfg in zip(variants, cfgs):
-        with _block_causal_attention(int(v["attn_chunk"])) if "attn_chunk" in v else contextlib.nullcontext():
-            runs.append(jax_step(cfg, args.batch, args.seq_len))  # traced and compiled here
+    cfgs = [jax_config(args.seq_len, **v) for v in variants]
+    runs = [jax_step(cfg, args.batch, args.seq_len) for cfg in cfgs]  # traced and compiled here
     run_torch = None if args.jax_only else torch_step(args.batch, args.seq_len, args.torch_attn)
     times: list[list[float]] = [[] for _ in runs]
+    cpu: list[list[float]] = [[] for _ in runs]
     torch_s: list[float] = []
+    torch_cpu: list[float] = []
     for _ in range(args.rounds):
-        for run, t in zip(runs, times):
-            t.append(run(args.steps) / args.steps)
+        for run, t, c in zip(runs, times, cpu):
+            wall, used = run(args.steps)
+            t.append(wall / args.steps)
+            c.append(used / args.steps)
         if run_torch is not None:
-            torch_s.append(run_torch(args.steps) / args.steps)
+            wall, used = run_torch(args.steps)
+            torch_s.append(wall / args.steps)
+            torch_cpu.append(used / args.steps)
+    load_after = os.getloadavg()
     tokens = args.batch * args.seq_len
     from zoo.cost_report import model_flops_per_token
+    med_torch = float(np.median(torch_s)) if torch_s else float("nan")
     best_torch = min(torch_s) if torch_s else float("nan")
+    threads = {"xla_pool_threads": _xla_threads(), "torch_threads": torch.get_num_threads(),
+               "cpus_allowed": len(os.sched_getaffinity(0))}
+    print(f"threads: XLA pool {threads['xla_pool_threads']}, torch {threads['torch_threads']}, CPUs allowed "
+          f"{threads['cpus_allowed']}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    # Process CPU seconds per step: on one pinned core under load this is the work done, free of
+    # the time spent waiting for the core (both runtimes' spin-waits included).
+    med_torch_cpu = float(np.median(torch_cpu)) if torch_cpu else float("nan")
     rows = []
-    for v, cfg, t in zip(variants, cfgs, times):
+    for v, cfg, t, c in zip(variants, cfgs, times, cpu):
+        med, med_cpu = float(np.median(t)), float(np.median(c))
         flops = 3 * tokens * model_flops_per_token(cfg, args.seq_len)
         rows.append({"variant": v or "default", "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                     "jax_step_s": min(t), "jax_tokens_per_s": tokens / min(t),
-                     "jax_over_torch": best_torch / min(t), "jax_gflops": flops / min(t) / 1e9})
-        print(f"JAX   {min(t) * 1e3:8.1f} ms/step  {tokens / min(t):9.0f} tok/s  {flops / min(t) / 1e9:5.1f} "
-              f"model GFLOP/s  x{best_torch / min(t):.2f} PyTorch's tok/s   ({v or 'default'})")
+                     "jax_step_s_median": med, "jax_step_s_best": min(t), "jax_tokens_per_s": tokens / med,
+                     "jax_over_torch_median": med_torch / med, "jax_over_torch_best": best_torch / min(t),
+                     "jax_gflops": flops / med / 1e9, "jax_cpu_s_median": med_cpu,
+                     "jax_over_torch_cpu": med_torch_cpu / med_cpu, **threads})
+        print(f"JAX   {med * 1e3:8.1f} ms/step (median; best {min(t) * 1e3:.1f})  {tokens / med:8.0f} tok/s  "
+              f"{flops / med / 1e9:5.1f} model GFLOP/s  x{med_torch / med:.2f} PyTorch's tok/s "
+              f"(best/best x{best_torch / min(t):.2f}; CPU s {med_cpu * 1e3:.0f} ms, x{med_torch_cpu / med_cpu:.2f})"
+              f"   ({v or 'default'})")
     if torch_s:
-        print(f"torch {best_torch * 1e3:8.1f} ms/step  {tokens / best_torch:9.0f} tok/s  (transformers "
-              f"LlamaForCausalLM, attn {args.torch_attn}, {torch.get_num_threads()} threads)")
+        print(f"torch {med_torch * 1e3:8.1f} ms/step (median; best {best_torch * 1e3:.1f})  {tokens / med_torch:8.0f} "
+              f"tok/s  CPU s {med_torch_cpu * 1e3:.0f} ms  (transformers LlamaForCausalLM, attn {args.torch_attn})")
         for r in rows:
-            r.update(torch_step_s=best_torch, torch_tokens_per_s=tokens / best_torch,
-                     torch_threads=torch.get_num_threads())
+            r.update(torch_step_s_median=med_torch, torch_step_s_best=best_torch,
+                     torch_tokens_per_s=tokens / med_torch, torch_cpu_s_median=med_torch_cpu)
     for r in rows:
-        r.update(rounds=args.rounds, steps_per_round=args.steps)
+        r.update(rounds=args.rounds, steps_per_round=args.steps, load_before=load_before[0],
+                 load_after=load_after[0])
     return rows
+
+
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter  # --clock cpu: process CPU seconds (the work, on one pinned core under load)
 
 
 def _best(fn, *args, n: int = 5) -> float:
     jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = _clock()
         jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _clock() - t0)
     return best
 
 
@@ -171,9 +208,9 @@ def _torch_breakdown(B: int, L: int, n_layers: int) -> dict:
         fn()
         out = float("inf")
         for _ in range(n):
-            t0 = time.perf_counter()
+            t0 = _clock()
             fn()
-            out = min(out, time.perf_counter() - t0)
+            out = min(out, _clock() - t0)
         return out
 
     hf = LlamaConfig(vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["d_model"], intermediate_size=SHAPE["d_ff"],
@@ -207,12 +244,13 @@ def _torch_breakdown(B: int, L: int, n_layers: int) -> dict:
 
 
 def breakdown(args) -> dict:
-    """Time sub-graphs of the JAX step: forward, forward+backward, the whole step, one layer's
-    attention and MLP, and a matmul of the same FLOPs (the machine's rate)."""
+    """Time sub-graphs of the JAX step (the first --variant's config, if given): forward,
+    forward+backward, the whole step, one layer's attention and MLP, and a matmul of the same
+    FLOPs (the machine's rate)."""
     from layers import attention, mlp, norms
     from zoo.cost_report import jaxpr_flops
 
-    cfg = jax_config(args.seq_len)
+    cfg = jax_config(args.seq_len, **(_parse_variant(args.variant[0]) if args.variant else {}))
     B, L, D = args.batch, args.seq_len, cfg.d_model
     params = zoo.init(jax.random.key(0), cfg)
     rng = np.random.default_rng(0)
@@ -228,7 +266,7 @@ def breakdown(args) -> dict:
     rows["forward (loss)"] = _best(fwd, params)
     rows["forward + backward"] = _best(grad, params)
     run = jax_step(cfg, B, L)
-    rows["train step (+ clip, AdamW)"] = min(run(3) / 3 for _ in range(3))
+    rows["train step (+ clip, AdamW)"] = min(run(3)[args.clock == "cpu"] / 3 for _ in range(3))
 
     block = cfg.pattern[0]
     p0 = jax.tree.map(lambda a: a[0], params["blocks"][0])
@@ -267,55 +305,11 @@ def breakdown(args) -> dict:
     return rows
 
 
-@contextlib.contextmanager
-def _block_causal_attention(chunk: int):
-    """Experiment: while active, plain causal self-attention (no window, softcap, bias, segments
-    or cache; positions 0..L-1, as in this benchmark) goes through `_attend_block_causal`."""
-    from layers import attention_core
-    original = attention_core.attend
-
-    def attend(q, k, v, *, q_pos_BL, k_pos_BS, q_seg_BL=None, k_seg_BS=None, causal=True, window=None,
-               softcap=None, scale=None, alibi_slopes_H=None, impl="xla"):
-        if (causal and window is None and softcap is None and alibi_slopes_H is None and q_seg_BL is None
-                and k_seg_BS is None and q.shape[1] == k.shape[1] > chunk):
-            return _attend_block_causal(q, k, v, chunk=chunk, scale=scale)
-        return original(q, k, v, q_pos_BL=q_pos_BL, k_pos_BS=k_pos_BS, q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS,
-                        causal=causal, window=window, softcap=softcap, scale=scale,
-                        alibi_slopes_H=alibi_slopes_H, impl=impl)
-
-    attention_core.attend = attend
-    try:
-        yield
-    finally:
-        attention_core.attend = original
-
-
-def _attend_block_causal(q_BLHK, k_BSGK, v_BSGK, *, chunk: int, scale: float | None = None):
-    """Experiment: causal attention over query chunks of `chunk` tokens, each against only the
-    keys up to its end (the fully masked blocks above the diagonal are never computed). Exact
-    for causal rows 0..L-1 with no window, segments or padding."""
-    B, L, H, K = q_BLHK.shape
-    G = k_BSGK.shape[2]
-    R = H // G
-    outs = []
-    for start in range(0, L, chunk):
-        stop = min(start + chunk, L)
-        q = q_BLHK[:, start:stop].reshape(B, stop - start, G, R, K)
-        k, v = k_BSGK[:, :stop], v_BSGK[:, :stop]
-        logits = jnp.einsum("BLGRK,BSGK->BGRLS", q, k, preferred_element_type=jnp.float32) * (
-            K ** -0.5 if scale is None else scale)
-        mask = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
-        p = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
-        o = jnp.einsum("BGRLS,BSGK->BLGRK", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        outs.append(o.reshape(B, stop - start, H, K).astype(q_BLHK.dtype))
-    return jnp.concatenate(outs, axis=1)
-
-
 def attention_experiment(args) -> dict:
     """fwd+bwd of the attention core alone at the benchmark's shape: the layer's XLA path, its
-    reference path, block-causal chunking (an experiment), and PyTorch's SDPA."""
+    reference path, the blocked path at several tile sizes, and PyTorch's SDPA."""
     import torch
-    from layers import attention_core
+    from layers import attention_core, blocked_attention
 
     B, L, H, G, K = args.batch, args.seq_len, SHAPE["n_heads"], SHAPE["n_kv_heads"], SHAPE["d_model"] // SHAPE["n_heads"]
     keys = jax.random.split(jax.random.key(0), 3)
@@ -327,10 +321,12 @@ def attention_experiment(args) -> dict:
     def layer(impl):
         return lambda q, k, v: attention_core.attend(q, k, v, q_pos_BL=pos, k_pos_BS=pos, impl=impl)
 
-    fns = {"attend(impl='xla') (the layer)": layer("xla"), "attend(impl='reference')": layer("reference")}
-    for c in (64, 128):
-        fns[f"block-causal, {c}-token query chunks (experiment)"] = (
-            lambda c: lambda q, k, v: _attend_block_causal(q, k, v, chunk=c))(c)
+    fns = {"attend(impl='xla') (the layer's default)": layer("xla"), "attend(impl='reference')": layer("reference"),
+           f"attend(impl='xla_blocked') ({blocked_attention.DEFAULT_BLOCK}-query tiles)": layer("xla_blocked")}
+    mask = attention_core.make_mask(pos, pos, causal=True, window=None)
+    for c in (32, 128, L):
+        fns[f"attend_blocked(block={c})" + (" (one tile: the softmax alone)" if c == L else "")] = (
+            lambda c: lambda q, k, v: blocked_attention.attend_blocked(q, k, v, mask, scale=K ** -0.5, block=c))(c)
     ref = fns["attend(impl='reference')"](q, k, v)
     rows = {}
     for name, f in fns.items():
@@ -346,14 +342,55 @@ def attention_experiment(args) -> dict:
     torch_once()
     best = float("inf")
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0 = _clock()
         torch_once()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _clock() - t0)
     rows["torch scaled_dot_product_attention (causal, GQA)"] = best
     width = max(len(k) for k in rows) + 2
-    print(f"attention core fwd+bwd, B {B} L {L} H {H} G {G} K {K} (one layer), best of 5:")
+    print(f"attention core fwd+bwd, B {B} L {L} H {H} G {G} K {K} (one layer), best of 5 by {args.clock} clock:")
     for name, t in rows.items():
         print(f"  {name:<{width}}{t * 1e3:9.1f} ms")
+    return rows
+
+
+def mlp_experiment(args) -> dict:
+    """One layer's SwiGLU MLP, forward + backward against a random cotangent (a `sum()` loss
+    would hand XLA a constant), in JAX and as transformers' `LlamaMLP`, alternately."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from layers import mlp
+
+    cfg = jax_config(args.seq_len)
+    block = cfg.pattern[0]
+    p = jax.tree.map(lambda a: a[0], zoo.init(jax.random.key(0), cfg)["blocks"][0])["ffn"]
+    shape = (args.batch, args.seq_len, SHAPE["d_model"])
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    w = jax.random.normal(jax.random.key(2), shape, jnp.float32)
+    g = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(mlp.forward(p, x, cfg=block.ffn)[0] * w), argnums=(0, 1)))
+    tm = LlamaMLP(LlamaConfig(hidden_size=SHAPE["d_model"], intermediate_size=SHAPE["d_ff"]))
+    tx, tw = torch.randn(*shape, requires_grad=True), torch.randn(*shape)
+
+    def torch_once():
+        tm.zero_grad(set_to_none=True)
+        tx.grad = None
+        (tm(tx) * tw).sum().backward()
+
+    torch_once()
+    jax.block_until_ready(g(p, x))
+    jt, tt = [], []
+    for _ in range(args.rounds):
+        t0 = _clock()
+        jax.block_until_ready(g(p, x))
+        jt.append(_clock() - t0)
+        t0 = _clock()
+        torch_once()
+        tt.append(_clock() - t0)
+    rows = {"jax_mlp_fwd_bwd_s": float(np.median(jt)), "torch_mlp_fwd_bwd_s": float(np.median(tt)),
+            "torch_threads": torch.get_num_threads(), "xla_pool_threads": _xla_threads()}
+    print(f"one SwiGLU MLP layer fwd+bwd, median of {args.rounds} by {args.clock} clock: JAX "
+          f"{rows['jax_mlp_fwd_bwd_s'] * 1e3:.1f} ms, PyTorch LlamaMLP {rows['torch_mlp_fwd_bwd_s'] * 1e3:.1f} ms "
+          f"(threads: XLA {rows['xla_pool_threads']}, torch {rows['torch_threads']})")
     return rows
 
 
@@ -385,14 +422,14 @@ def matmul_experiment(args) -> dict:
         jax.block_until_ready(jf(ja, jb))
         tf(ta, tb)
         for _ in range(args.rounds):
-            t0 = time.perf_counter()
+            t0 = _clock()
             for _ in range(args.steps):
                 jax.block_until_ready(jf(ja, jb))
-            jbest = min(jbest, (time.perf_counter() - t0) / args.steps)
-            t0 = time.perf_counter()
+            jbest = min(jbest, (_clock() - t0) / args.steps)
+            t0 = _clock()
             for _ in range(args.steps):
                 tf(ta, tb)
-            tbest = min(tbest, (time.perf_counter() - t0) / args.steps)
+            tbest = min(tbest, (_clock() - t0) / args.steps)
         rows[name] = {"xla_gflops": flops / jbest / 1e9, "torch_gflops": flops / tbest / 1e9}
         print(f"  {name:<28} XLA {flops / jbest / 1e9:7.1f} GFLOP/s   torch {flops / tbest / 1e9:7.1f} GFLOP/s"
               f"   XLA/torch {tbest / jbest:.2f}", flush=True)
@@ -412,15 +449,23 @@ def main(argv=None):
     parser.add_argument("--breakdown", action="store_true", help="time the JAX step's parts instead")
     parser.add_argument("--attention", action="store_true",
                         help="time the attention core alone: layer paths, an experiment, PyTorch SDPA")
+    parser.add_argument("--mlp", action="store_true",
+                        help="one SwiGLU MLP layer fwd+bwd in JAX and as transformers' LlamaMLP")
     parser.add_argument("--matmul", action="store_true",
                         help="time the step's matmul shapes in XLA and PyTorch (run under XLA_FLAGS variants)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads(N) (XLA's pool follows the CPUs allowed: use taskset)")
+    parser.add_argument("--clock", choices=tuple(_CLOCKS), default="wall",
+                        help="timer for --breakdown/--attention/--matmul (cpu: process CPU time; pin to one core)")
     parser.add_argument("--jax-only", action="store_true", help="leave PyTorch out (variants only)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line too")
     args = parser.parse_args(argv)
+    global _clock
+    _clock = _CLOCKS[args.clock]
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs); "
           f"batch {args.batch} x {args.seq_len}, {SHAPE}")
     out = (breakdown(args) if args.breakdown else attention_experiment(args) if args.attention
-           else matmul_experiment(args) if args.matmul else compare(args))
+           else matmul_experiment(args) if args.matmul else mlp_experiment(args) if args.mlp else compare(args))
     if args.json:
         print(json.dumps(out, default=str))
     return out

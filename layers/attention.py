@@ -170,11 +170,35 @@ def _cache_kv(entries: dict, dtype):
     return k.astype(dtype), v.astype(dtype)
 
 
+def _rows() -> bool:
+    """Whether to run the projections on [B * L] rows: with [B, L] kept apart every weight
+    gradient contracts two axes, which XLA:CPU runs as Eigen dots behind transposing copies
+    (docs/performance.md). Under context parallelism the sequence axis is sharded and merging
+    it with the batch would reshard, so those keep [B, L]."""
+    from sharding import context  # lazy: sharding imports layers
+    return context.sequence_axis() is None
+
+
 def _project(x_BLD, w, b):
-    y = jnp.einsum("BLD,D...->BL...", x_BLD, w.astype(x_BLD.dtype), preferred_element_type=jnp.float32)
+    B, L, D = x_BLD.shape
+    if _rows():
+        y_NO = jnp.einsum("ND,DO->NO", x_BLD.reshape(B * L, D), w.reshape(D, -1).astype(x_BLD.dtype),
+                          preferred_element_type=jnp.float32)
+        y = y_NO.reshape(B, L, *w.shape[1:])
+    else:
+        y = jnp.einsum("BLD,D...->BL...", x_BLD, w.astype(x_BLD.dtype), preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)[None, None]
     return y.astype(x_BLD.dtype)
+
+
+def _out_project(o_BLHK, w_HKD, dtype):
+    B, L, H, K = o_BLHK.shape
+    if _rows():
+        y_ND = jnp.einsum("NI,ID->ND", o_BLHK.reshape(B * L, H * K), w_HKD.reshape(H * K, -1).astype(dtype),
+                          preferred_element_type=jnp.float32)
+        return y_ND.reshape(B, L, -1)
+    return jnp.einsum("BLHK,HKD->BLD", o_BLHK, w_HKD.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfig,
@@ -188,6 +212,9 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfi
       with segment id 0 are padding and are written as empty slots.
     """
     B, L, _ = x_BLD.shape
+    # Default positions in a training call follow token order, which lets attend's "auto" pick
+    # the blocked path (its tiles assume index order; layers/blocked_attention.py).
+    index_order = positions is None and state is None
     if positions is None:
         offset_B = (jnp.zeros((B,), jnp.int32) if state is None
                     else state["next_pos_B" if cfg.rolling_cache else "index_B"])
@@ -229,9 +256,8 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: AttentionConfi
         q_BLHK, k_BSGK, v_BSGK, q_pos_BL=positions, k_pos_BS=k_pos_BS,
         q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS, causal=cfg.causal, window=cfg.sliding_window,
         softcap=cfg.logit_softcap, scale=cfg.scale, alibi_slopes_H=slopes, sinks=cfg.attention_sinks,
-        impl=cfg.impl)
-    y_BLD = jnp.einsum("BLHK,HKD->BLD", o_BLHK, params["wo_HKD"].astype(x_BLD.dtype),
-                       preferred_element_type=jnp.float32)
+        impl=cfg.impl, index_order=index_order)
+    y_BLD = _out_project(o_BLHK, params["wo_HKD"], x_BLD.dtype)
     if "bo_D" in params:
         y_BLD = y_BLD + params["bo_D"].astype(jnp.float32)[None, None]
     return y_BLD.astype(x_BLD.dtype), new_state

@@ -8,7 +8,15 @@ one-token decode step go through the same code. `impl` picks the implementation:
 - "xla": grouped einsums; K/V heads are never repeated to the query heads (GQA/MQA for free).
 - "reference": the slow obvious version (K/V repeated per head); the yardstick in tests.
 - "pallas": the flash-attention kernel registered by `pallas_kernels` (interpret mode on CPU).
-- "auto": "pallas" on GPU/TPU when there is no score bias, else "xla".
+- "auto": "pallas" on GPU/TPU when there is no score bias; elsewhere "xla_blocked" when the
+  caller vouches for index order (`index_order=True`), the attention is causal or windowed and
+  L == S >= AUTO_BLOCKED_MIN_LEN; else "xla".
+- "xla_blocked": "xla" computing only the score blocks the mask can keep (layers/blocked_attention.py).
+
+Context parallelism: when the active sharding rules split the sequence over a mesh axis
+(`sharding.use_rules(mesh, "cp")`), a full-sequence call (keys as long as queries, no score
+bias, ALiBi or sinks, impl other than "reference") runs as ring attention over that axis
+(sharding.ring_attention); everything else keeps the paths above.
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ import jax.numpy as jnp
 if TYPE_CHECKING:
     from jaxtyping import Array, Bool, Float, Int
 
-IMPLS = ("xla", "reference", "pallas", "auto")
+IMPLS = ("xla", "reference", "pallas", "auto", "xla_blocked")
+# "auto" takes the blocked path from this length on (at least two 64-row tiles): measured
+# 57 -> 24.5 ms per layer's core fwd+bwd at L 256 on CPU (docs/performance.md); below two
+# tiles it is the "xla" path anyway.
+AUTO_BLOCKED_MIN_LEN = 128
 
 # Kernels register themselves here (pallas_kernels imports stay out of the layer's import path).
 KERNELS: dict[str, Callable] = {}
@@ -54,14 +66,33 @@ def alibi_bias(slopes_H: "Float[Array, 'H']", q_pos_BL, k_pos_BS, *, causal: boo
     return -slopes_H.astype(jnp.float32)[None, :, None, None] * dist_BLS[:, None, :, :]
 
 
-def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """fp32 softmax over the last axis; rows with no allowed key give zeros, not NaN."""
+def masked_softmax_autodiff(logits: "Float[Array, '*b S']", mask: "Bool[Array, '*b S']") -> "Float[Array, '*b S']":
+    """fp32 softmax over the last axis where `mask`; rows with no allowed key give zeros, not NaN.
+    Differentiated by autodiff: the reference path's yardstick for `masked_softmax`."""
     logits = jnp.where(mask, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    return p / jnp.where(denom > 0, denom, 1.0)
+    e = jnp.exp(logits - row_max)  # exp(-inf) = 0 at masked keys
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(denom > 0, denom, 1.0)
+
+
+@jax.custom_jvp
+def masked_softmax(logits: "Float[Array, '*b S']", mask: "Bool[Array, '*b S']") -> "Float[Array, '*b S']":
+    """`masked_softmax_autodiff` with the softmax's own derivative. Autodiff through the
+    where / max / exp / divide chain keeps and revisits several score-sized tensors, while
+    dp = p * (dx - sum(p * dx)) needs only p (81 -> 57 ms per layer's attention core on CPU,
+    docs/performance.md). Used by the "xla" and "xla_blocked" paths."""
+    return masked_softmax_autodiff(logits, mask)
+
+
+@masked_softmax.defjvp
+def _masked_softmax_jvp(primals, tangents):
+    logits, mask = primals
+    dlogits = tangents[0]
+    p = masked_softmax(logits, mask)
+    # Masked entries have p = 0, so their (meaningless) tangents drop out.
+    return p, p * (dlogits - jnp.sum(p * dlogits, axis=-1, keepdims=True))
 
 
 def _softcap(logits: jax.Array, cap: float | None) -> jax.Array:
@@ -75,9 +106,11 @@ def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
            causal: bool = True, window: int | None = None, softcap: float | None = None,
            scale: float | None = None, alibi_slopes_H: "Float[Array, 'H'] | None" = None,
            bias_BHLS: "Float[Array, 'B H L S'] | None" = None,
-           sinks: int = 0, impl: str = "xla") -> "Float[Array, 'B L H K']":
+           sinks: int = 0, impl: str = "xla", index_order: bool = False) -> "Float[Array, 'B L H K']":
     """Scaled dot-product attention; H query heads share G = H / R key/value heads.
-    bias_BHLS: an additive score bias (e.g. T5's relative position bias), added after scaling."""
+    bias_BHLS: an additive score bias (e.g. T5's relative position bias), added after scaling.
+    index_order: the caller guarantees the index-order contract of layers/blocked_attention.py
+      (e.g. positions 0..L-1 in each row, segments or not), so "auto" may pick "xla_blocked"."""
     B, L, H, K = q_BLHK.shape
     G = k_BSGK.shape[2]
     if H % G:
@@ -87,6 +120,11 @@ def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
     if impl not in IMPLS:
         raise ValueError(f"attend: impl must be one of {IMPLS}, got {impl!r}")
     scale = K ** -0.5 if scale is None else scale
+    if impl != "reference" and bias_BHLS is None and alibi_slopes_H is None and not sinks:
+        ring = _context_parallel(q_BLHK, k_BSGK, v_BSGK, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS,
+                                 causal=causal, window=window, softcap=softcap, scale=scale)
+        if ring is not None:
+            return ring
     mask_BLS = make_mask(q_pos_BL, k_pos_BS, causal=causal, window=window,
                          q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS, sinks=sinks)
     if sinks and impl == "auto":
@@ -97,7 +135,13 @@ def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
         alibi_BHLS = alibi_bias(alibi_slopes_H, q_pos_BL, k_pos_BS, causal=causal)
         bias_BHLS = alibi_BHLS if bias_BHLS is None else alibi_BHLS + bias_BHLS.astype(jnp.float32)
     if impl == "auto":  # the kernel where it runs natively and supports the case
-        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") and bias_BHLS is None else "xla"
+        if jax.default_backend() in ("gpu", "tpu") and bias_BHLS is None:
+            impl = "pallas"
+        elif (index_order and L == k_BSGK.shape[1] >= AUTO_BLOCKED_MIN_LEN
+              and (causal or window is not None)):
+            impl = "xla_blocked"
+        else:
+            impl = "xla"
     if impl == "pallas":
         if "pallas" not in KERNELS:
             import pallas_kernels  # noqa: F401  (importing it registers its kernels here)
@@ -105,9 +149,34 @@ def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
         return KERNELS["pallas"](q_BLHK, k_BSGK, v_BSGK, q_pos_BL=q_pos_BL, k_pos_BS=k_pos_BS,
                                  q_seg_BL=q_seg_BL, k_seg_BS=k_seg_BS, causal=causal, window=window,
                                  bias_BHLS=bias_BHLS, scale=scale, softcap=softcap)
+    if impl == "xla_blocked":  # skips fully masked score blocks; layers/blocked_attention.py
+        from layers import blocked_attention
+        return blocked_attention.attend_blocked(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, scale=scale,
+                                                softcap=softcap, causal=causal, window=window, sinks=sinks)
     if impl == "reference":
         return attend_reference(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, scale=scale, softcap=softcap)
     return _attend_grouped(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, scale=scale, softcap=softcap)
+
+
+def _context_parallel(q_BLHK, k_BSGK, v_BSGK, q_pos_BL, k_pos_BS, q_seg_BL, k_seg_BS, *, causal, window,
+                      softcap, scale):
+    """Ring attention when the active sharding rules split the sequence over a mesh axis (the
+    one place this layer looks at the mesh; sharding.context.sequence_split), else None.
+    Queries and keys of equal length only: a decode step against a longer cache keeps the
+    gathered path. Causal inputs are load-balanced (zigzag) inside the ring call."""
+    B, L = q_BLHK.shape[:2]
+    if k_BSGK.shape[1] != L:
+        return None
+    from sharding import context  # lazy: sharding imports layers
+    split = context.sequence_split(B, L)
+    if split is None:
+        return None
+    from sharding.ring_attention import ring_attention
+    mesh, axis, batch_axes = split
+    balance = causal and L % (2 * mesh.shape[axis]) == 0
+    return ring_attention(q_BLHK, k_BSGK, v_BSGK, q_pos_BL=q_pos_BL, k_pos_BS=k_pos_BS, q_seg_BL=q_seg_BL,
+                          k_seg_BS=k_seg_BS, mesh=mesh, axis=axis, batch_axes=batch_axes, causal=causal,
+                          window=window, scale=scale, softcap=softcap, balance=balance)
 
 
 def _attend_grouped(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, *, scale, softcap):
@@ -120,7 +189,7 @@ def _attend_grouped(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS, *, scale, softc
     logits_BGRLS = _softcap(logits_BGRLS, softcap)
     if bias_BHLS is not None:
         logits_BGRLS = logits_BGRLS + bias_BHLS.reshape(B, G, R, L, -1)
-    p_BGRLS = _masked_softmax(logits_BGRLS, mask_BLS[:, None, None, :, :])
+    p_BGRLS = masked_softmax(logits_BGRLS, mask_BLS[:, None, None, :, :])
     o_BLGRK = jnp.einsum("BGRLS,BSGK->BLGRK", p_BGRLS.astype(v_BSGK.dtype), v_BSGK,
                          preferred_element_type=jnp.float32)
     return o_BLGRK.reshape(B, L, H, K).astype(q_BLHK.dtype)
@@ -135,7 +204,7 @@ def attend_reference(q_BLHK, k_BSGK, v_BSGK, mask_BLS, bias_BHLS=None, *, scale,
     logits_BHLS = _softcap(logits_BHLS, softcap)
     if bias_BHLS is not None:
         logits_BHLS = logits_BHLS + bias_BHLS
-    p_BHLS = _masked_softmax(logits_BHLS, mask_BLS[:, None, :, :])
+    p_BHLS = masked_softmax_autodiff(logits_BHLS, mask_BLS[:, None, :, :])
     return jnp.einsum("BHLS,BSHK->BLHK", p_BHLS, v_BSHK).astype(q_BLHK.dtype)
 
 
