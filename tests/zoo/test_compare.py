@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import zoo
 from zoo import cli
 from zoo import presets
 from zoo import tasks as ztasks
@@ -101,6 +102,25 @@ def test_sweep_members_equal_separate_training_runs():
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.tree.map(lambda a: a[r], res.params))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert not np.allclose(res.losses_RS[0, -1], res.losses_RS[1, -1])  # the rates did differ
+
+
+def test_sweep_starts_from_zoo_init_and_zero_moments():
+    """The sweep's one compiled initialiser (XLA optimisation level 0, to compile fast) gives
+    every member zoo.init's parameters, up to float32 rounding of the normal draws, and AdamW
+    moments of zero; the seed is an input, so another seed reuses it and draws other weights."""
+    cfg = presets.get("llama-tiny", d_model=16, n_heads=2, n_kv_heads=2, d_ff=24, max_len=16)
+    ref = zoo.init(jax.random.key(5), cfg)
+    n_starts = len(sweep._STARTS)
+    params_R = sweep.init_sweep(cfg, 2, 5)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params_R)):
+        assert b.shape == (2,) + a.shape
+        np.testing.assert_allclose(np.asarray(b), np.broadcast_to(np.asarray(a), b.shape), rtol=1e-6, atol=1e-7)
+    other = sweep.init_sweep(cfg, 2, 6)
+    assert len(sweep._STARTS) <= n_starts + 1
+    assert not np.allclose(np.asarray(jax.tree.leaves(other)[0]), np.asarray(jax.tree.leaves(params_R)[0]))
+    _params, opt_state = sweep._compiled_start(cfg, 2, 0.1)(jax.random.key(5))
+    moments = [x for x in jax.tree.leaves(opt_state) if x.ndim >= 2]
+    assert moments and all(not np.any(np.asarray(m)) for m in moments)
 
 
 def _error(args, capsys) -> str:

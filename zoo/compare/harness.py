@@ -259,8 +259,9 @@ def precompile(family_names: list[str], tasks: list[T.Task], budget: Budget, thr
 
 
 def _member(params_R: Any, r: int) -> Any:
+    """Member r's parameters, sliced on the host: an eager `a[r]` would compile a slice per shape."""
     import jax
-    return jax.tree.map(lambda a: a[r], params_R)
+    return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[r], params_R))
 
 
 def meta(*, budget: Budget, mode: str, seed: int, command: str, peak_flops: float,

@@ -121,7 +121,10 @@ def decode_seconds_per_token(cfg: ModelConfig, params: Any, context: int, n_toke
     Attention's step reads every slot of its cache (masked by position), so a fresh state of
     capacity `context` costs what a full one does; recurrent states cost the same at any context.
     """
-    state = zoo.init_state(cfg, 1, context)
+    # One executable for the zero state (eagerly, every leaf would compile its own fill and
+    # reshape); its speed is not measured, so XLA need not optimise it.
+    from zoo.compare.sweep import UNTIMED_COMPILE
+    state = jax.jit(lambda: zoo.init_state(cfg, 1, context)).lower().compile(compiler_options=UNTIMED_COMPILE)()
     tokens_B: "Int[np.ndarray, 'B']" = np.ones((1,), np.int32)
     logits, state = zoo.step(params, tokens_B, state, cfg=cfg)  # compile
     jax.block_until_ready(logits)

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 import zoo
+from layers import params as P
 from zoo import optimizers as zoptimizers
 from zoo import train as ztrain
 
@@ -116,13 +117,43 @@ def _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch):
     return _COMPILED[key]
 
 
+def _start_fn(cfg: Any, R: int, weight_decay: float) -> Callable:
+    """key -> (stacked parameters, optimizer state) of an R-member sweep: `zoo.init`'s
+    initialisation (`layers.params.init` of the model's specs) copied R times, and AdamW's state."""
+    optimizer = _optimizer(cfg, weight_decay)
+    specs = zoo.param_specs(cfg)
+
+    def start(key):
+        params = P.init(key, specs)
+        params_R = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (R,) + a.shape), params)
+        with jax.numpy_dtype_promotion("standard"):
+            return params_R, jax.vmap(optimizer.init)(params_R)
+
+    return start
+
+
 def _abstract_state(cfg: Any, R: int, weight_decay: float) -> tuple[Any, Any]:
     """Shapes of the stacked parameters and optimizer state of an R-member sweep (nothing allocated)."""
-    params = jax.eval_shape(lambda: init_sweep(cfg, R, 0))
-    optimizer = _optimizer(cfg, weight_decay)
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = jax.eval_shape(jax.vmap(optimizer.init), params)
-    return params, opt_state
+    return jax.eval_shape(_start_fn(cfg, R, weight_decay), jax.random.key(0))
+
+
+#: Options for executables whose speed is never measured. Initialisation is a long chain of
+#: threefry hashes: at XLA's default optimisation level it compiled in 2.5-7.5 s of CPU per
+#: family, at level 0 in 1-1.5 s, and either runs in milliseconds (docs/compare.md).
+UNTIMED_COMPILE = {"xla_backend_optimization_level": 0}
+
+#: Compiled initialisers (key -> params and optimizer state), keyed by (config, members, weight decay).
+_STARTS: dict[tuple, Any] = {}
+
+
+def _compiled_start(cfg: Any, R: int, weight_decay: float) -> Any:
+    """One executable for the whole initial state (not an eager op per leaf, each its own
+    compile); the seed is an input, so other seeds reuse it."""
+    key = (cfg, R, float(weight_decay))
+    if key not in _STARTS:
+        _STARTS[key] = jax.jit(_start_fn(cfg, R, weight_decay)).lower(jax.random.key(0)).compile(
+            compiler_options=UNTIMED_COMPILE)
+    return _STARTS[key]
 
 
 def compile_step(cfg: Any, R: int, batch_size: int, seq_len: int, weight_decay: float = 0.1) -> float:
@@ -141,12 +172,12 @@ def clear_cache() -> None:
     them gone)."""
     _COMPILED.clear()
     _SCORERS.clear()
+    _STARTS.clear()
 
 
-def init_sweep(cfg: Any, n: int, seed: int) -> Any:
-    """`n` copies of the same initial parameters, stacked on a leading axis."""
-    params = zoo.init(jax.random.key(seed), cfg)
-    return jax.tree.map(lambda a: jnp.broadcast_to(a[None], (n,) + a.shape), params)
+def init_sweep(cfg: Any, n: int, seed: int, weight_decay: float = 0.1) -> Any:
+    """`n` copies of the same initial parameters (`zoo.init`'s), stacked on a leading axis."""
+    return _compiled_start(cfg, n, weight_decay)(jax.random.key(seed))[0]
 
 
 def train_sweep(cfg: Any, lrs: tuple[float, ...], batches: Iterator[tuple[np.ndarray, np.ndarray]], *,
@@ -158,12 +189,9 @@ def train_sweep(cfg: Any, lrs: tuple[float, ...], batches: Iterator[tuple[np.nda
     the mean over scored positions. Schedule: linear warmup then cosine decay to 10% (the
     project's `TrainConfig` defaults), AdamW b2 0.95, clipping at 1.
     """
-    optimizer = _optimizer(cfg, weight_decay)
     factors_S = schedule_factors(steps, warmup_steps)
     R = len(lrs)
-    params = init_sweep(cfg, R, seed)
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = jax.vmap(optimizer.init)(params)
+    params, opt_state = _compiled_start(cfg, R, weight_decay)(jax.random.key(seed))
     lrs_R = np.asarray(lrs, np.float32)
 
     def prepare(batch):
@@ -226,7 +254,7 @@ def compile_scorer(cfg: Any, R: int, batch_size: int, seq_len: int) -> Any:
     """The compiled `_sweep_scores` for this shape (cached; thread-safe like `compile_step`)."""
     key = (cfg, R, batch_size, seq_len)
     if key not in _SCORERS:
-        params = jax.eval_shape(lambda: init_sweep(cfg, R, 0))
+        params = _abstract_state(cfg, R, 0.1)[0]
         int_BL = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
         _SCORERS[key] = _sweep_scores.lower(params, int_BL, int_BL, cfg).compile()
     return _SCORERS[key]
