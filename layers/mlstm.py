@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from layers import checks, norms, params as P, segments, short_conv
-from layers.params import ParamSpec, fan_in_normal, normal, ones, zeros
+from layers.params import ParamSpec, fan_in_normal, linspace, normal, ones, zeros
 
 if TYPE_CHECKING:
     from jaxtyping import Array, Float, Int
@@ -102,14 +102,6 @@ class MLSTMConfig:
         return self.d_inner // self.n_heads
 
 
-def _linspace_init(lo: float, hi: float) -> P.Initializer:
-    def init(key, shape, dtype):
-        del key
-        return jnp.broadcast_to(jnp.linspace(lo, hi, shape[-1], dtype=jnp.float32), shape).astype(dtype)
-
-    return init
-
-
 def param_specs(cfg: MLSTMConfig) -> dict:
     D, E, H, K = cfg.d_model, cfg.d_inner, cfg.n_heads, cfg.head_dim
     # xLSTM's "small init" std sqrt(2 / (5 D)) for the projections fed by the residual stream.
@@ -126,7 +118,7 @@ def param_specs(cfg: MLSTMConfig) -> dict:
         "wi_3EH": ParamSpec((3, E, H), (None, "inner", "heads"), zeros),
         "wf_3EH": ParamSpec((3, E, H), (None, "inner", "heads"), zeros),
         "bi_H": ParamSpec((H,), ("heads",), normal(0.1), keep_dtype=True),
-        "bf_H": ParamSpec((H,), ("heads",), _linspace_init(3.0, 6.0), keep_dtype=True),
+        "bf_H": ParamSpec((H,), ("heads",), linspace(3.0, 6.0), keep_dtype=True),
         "norm_HK": ParamSpec((H, K), ("heads", "head_dim"), ones),
         "skip_E": ParamSpec((E,), ("inner",), ones),
         "wo_ED": ParamSpec((E, D), ("inner", "embed"), fan_in_normal((0,))),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from layers import checks, norms, params as P, segments
 from layers.mlstm import FORMS, cell
-from layers.params import ParamSpec, constant, fan_in_normal, normal, ones, zeros
+from layers.params import ParamSpec, constant, fan_in_normal, linspace, normal, ones, zeros
 
 if TYPE_CHECKING:
     from jaxtyping import Array, Float, Int
@@ -89,14 +89,6 @@ class MLSTMLargeConfig:
         return self.v_dim // self.n_heads
 
 
-def _linspace(lo: float, hi: float) -> P.Initializer:
-    def init(key, shape, dtype):
-        del key
-        return jnp.broadcast_to(jnp.linspace(lo, hi, shape[-1], dtype=jnp.float32), shape).astype(dtype)
-
-    return init
-
-
 def param_specs(cfg: MLSTMLargeConfig) -> dict:
     D, H, K, V = cfg.d_model, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim
     # The 7B recipe: "small init" std sqrt(2 / (5 D)) for maps from the residual stream, zero gate
@@ -113,7 +105,7 @@ def param_specs(cfg: MLSTMLargeConfig) -> dict:
         "wi_DH": ParamSpec((D, H), ("embed", "heads"), zeros),
         "wf_DH": ParamSpec((D, H), ("embed", "heads"), zeros),
         "bi_H": ParamSpec((H,), ("heads",), constant(-10.0), keep_dtype=True),
-        "bf_H": ParamSpec((H,), ("heads",), _linspace(3.0, 6.0), keep_dtype=True),
+        "bf_H": ParamSpec((H,), ("heads",), linspace(3.0, 6.0), keep_dtype=True),
         "norm_HV": ParamSpec((H, V), ("heads", "head_dim"), ones),
         "wo_HVD": ParamSpec((H, V, D), ("heads", "head_dim", "embed"), fan_in_normal((0, 1))),
     }

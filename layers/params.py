@@ -81,6 +81,15 @@ zeros = constant(0.0)
 ones = constant(1.0)
 
 
+def linspace(lo: float, hi: float) -> Initializer:
+    """lo..hi evenly along the last axis (e.g. per-head gate biases), the same in every row."""
+    def init(key, shape, dtype):
+        del key
+        return jnp.broadcast_to(jnp.linspace(lo, hi, shape[-1], dtype=jnp.float32), shape).astype(dtype)
+
+    return init
+
+
 def abstract(specs: Any) -> Any:
     """ShapeDtypeStructs with the same tree structure as `specs`."""
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs, is_leaf=is_spec)

@@ -20,6 +20,9 @@ import pytest
 import zoo
 from zoo import convert, generate
 from zoo.convert import ckpt
+from tests.zoo.hf_parity import hf  # noqa: F401  (fixture)
+from tests.zoo.hf_parity import assert_close as _assert_close, logits as _logits, tokens as _tokens
+from tests.zoo import hf_parity
 
 V, L_PROMPT, N_NEW = 96, 8, 20
 _LLAMA = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -86,7 +89,6 @@ CASES = {
                                                    max_position_embeddings=64), None),
 }
 IMPORT_ONLY = ()  # RWKV-4's embedding LayerNorm is ModelConfig.embed_norm, so it exports too
-DEFAULT = ("llama-llama3", "gemma2", "mamba2")
 GREEDY_DEFAULT = ("mistral",)
 
 
@@ -94,42 +96,13 @@ def _params(names, skip=()):
     return [pytest.param(n, marks=() if n in names else pytest.mark.slow) for n in CASES if n not in skip]
 
 
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
-
-
 def _build(hf, name, folder):
-    torch, transformers = hf
     cfg_cls, model_cls, kwargs, _ = CASES[name]
-    torch.manual_seed(0)
-    config = getattr(transformers, cfg_cls)(initializer_range=0.2, bos_token_id=None, eos_token_id=None,
-                                            pad_token_id=None, **kwargs)
-    model = getattr(transformers, model_cls)(config).eval()
-    model.save_pretrained(folder)
-    return model
+    return hf_parity.build(hf, cfg_cls, model_cls, kwargs, folder)
 
 
-def _logits(hf, model, tokens):
-    torch, _ = hf
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
-
-
-def _tokens(rows, length, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (rows, length)).astype(np.int32)
-
-
-def _assert_close(got, want):
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-4 * scale, f"max |diff| {err} > 1e-4 * {scale}"
-
-
-@pytest.mark.parametrize("name", _params(DEFAULT))
+# Every architecture, by default: one import + round trip costs about a second.
+@pytest.mark.parametrize("name", list(CASES))
 def test_logits_match_transformers_and_round_trip(hf, name, tmp_path):
     torch, transformers = hf
     model = _build(hf, name, tmp_path / "hf")

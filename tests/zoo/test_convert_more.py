@@ -14,6 +14,9 @@ import pytest
 
 import zoo
 from zoo import convert, generate
+from tests.zoo.hf_parity import hf  # noqa: F401  (fixture)
+from tests.zoo.hf_parity import assert_close as _assert_close, logits as _logits, tokens as _tokens
+from tests.zoo import hf_parity
 
 V, L_PROMPT, N_NEW = 96, 8, 20
 # Four layers: Mamba + MLP, attention + MoE, repeated (attn period 2 offset 1, experts likewise);
@@ -34,7 +37,6 @@ CASES = {
                              num_attention_heads=4, num_key_value_heads=1, attention_window_size=8,
                              logits_soft_cap=2.0)),
 }
-DEFAULT = ("jamba", "recurrent_gemma")
 GREEDY_DEFAULT = ()
 
 
@@ -42,42 +44,13 @@ def _params(names):
     return [pytest.param(n, marks=() if n in names else pytest.mark.slow) for n in CASES]
 
 
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
-
-
 def _build(hf, name, folder):
-    torch, transformers = hf
     cfg_cls, model_cls, kwargs = CASES[name]
-    torch.manual_seed(0)
-    config = getattr(transformers, cfg_cls)(initializer_range=0.2, bos_token_id=None, eos_token_id=None,
-                                            pad_token_id=None, **kwargs)
-    model = getattr(transformers, model_cls)(config).eval()
-    model.save_pretrained(folder)
-    return model
+    return hf_parity.build(hf, cfg_cls, model_cls, kwargs, folder)
 
 
-def _logits(hf, model, tokens):
-    torch, _ = hf
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
-
-
-def _tokens(rows, length, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (rows, length)).astype(np.int32)
-
-
-def _assert_close(got, want):
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-4 * scale, f"max |diff| {err} > 1e-4 * {scale}"
-
-
-@pytest.mark.parametrize("name", _params(DEFAULT))
+# Every architecture, by default: one import + round trip costs about a second.
+@pytest.mark.parametrize("name", list(CASES))
 def test_logits_match_transformers_and_round_trip(hf, name, tmp_path):
     torch, transformers = hf
     model = _build(hf, name, tmp_path / "hf")
@@ -145,11 +118,7 @@ ENCDEC = {
                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, init_std=0.2,
                   scale_embedding=True), False),
 }
-ENCDEC_DEFAULT = ("t5-v1.1",)
 
-
-def _encdec_params(names):
-    return [pytest.param(n, marks=() if n in names else pytest.mark.slow) for n in ENCDEC]
 
 
 def _build_encdec(hf, name, folder):
@@ -170,7 +139,8 @@ def _encdec_logits(hf, model, src, dec):
         return model(input_ids=torch.tensor(src), decoder_input_ids=torch.tensor(dec)).logits.numpy()
 
 
-@pytest.mark.parametrize("name", _encdec_params(ENCDEC_DEFAULT))
+# Every architecture, by default: one import + round trip costs about a second.
+@pytest.mark.parametrize("name", list(ENCDEC))
 def test_encdec_logits_match_transformers_and_round_trip(hf, name, tmp_path):
     from zoo import encdec
 

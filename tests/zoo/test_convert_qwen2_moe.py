@@ -16,20 +16,14 @@ import pytest
 
 import zoo
 from zoo import convert, generate
+from tests.zoo.hf_parity import hf  # noqa: F401  (fixture)
+from tests.zoo.hf_parity import assert_close as _assert_close, logits as _logits, tokens as _tokens
 
 V, L_PROMPT, N_NEW = 96, 8, 20
 CONFIG = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
               shared_expert_intermediate_size=32, decoder_sparse_step=2, norm_topk_prob=False,
               max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
 
 
 def _build(hf, folder):
@@ -40,22 +34,6 @@ def _build(hf, folder):
     model = transformers.Qwen2MoeForCausalLM(config).eval()
     model.save_pretrained(folder)
     return model
-
-
-def _logits(hf, model, tokens):
-    torch, _ = hf
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
-
-
-def _tokens(rows, length, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (rows, length)).astype(np.int32)
-
-
-def _assert_close(got, want):
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-4 * scale, f"max |diff| {err} > 1e-4 * {scale}"
 
 
 def test_logits_match_transformers_and_round_trip(hf, tmp_path):

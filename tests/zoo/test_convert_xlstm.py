@@ -20,19 +20,13 @@ import pytest
 
 import zoo
 from zoo import convert, generate
+from tests.zoo.hf_parity import hf  # noqa: F401  (fixture)
+from tests.zoo.hf_parity import assert_close as _assert_close, logits as _logits, tokens as _tokens
 
 V, L, L_PROMPT, N_NEW = 96, 21, 8, 20
 # hidden * qk_dim_factor a multiple of 64: transformers' cache rounds the q/k width up to 64.
 _XLSTM = dict(vocab_size=V, hidden_size=128, num_hidden_layers=2, num_heads=4, chunk_size=8, gate_soft_cap=3.0,
               output_logit_soft_cap=5.0)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
 
 
 def _randomize(torch, model):
@@ -56,22 +50,6 @@ def _build(hf, folder, **overrides):
     _randomize(torch, model)
     model.save_pretrained(folder)
     return model
-
-
-def _logits(hf, model, tokens):
-    torch, _ = hf
-    with torch.no_grad():
-        return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-
-
-def _tokens(rows, length, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (rows, length)).astype(np.int32)
-
-
-def _assert_close(got, want):
-    scale = max(1.0, float(np.abs(want).max()))
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-4 * scale, f"max |diff| {err} > 1e-4 * {scale}"
 
 
 def test_logits_match_transformers_and_round_trip(hf, tmp_path):
