@@ -8,6 +8,9 @@ windows change the logits measurably, and without special-token ids (random toke
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -48,3 +51,20 @@ def assert_close(got, want) -> None:
     scale = max(1.0, float(np.abs(want).max()))
     err = float(np.abs(got - want).max())
     assert err <= 1e-4 * scale, f"max |diff| {err} > 1e-4 * {scale}"
+
+
+def hf_greedy(hf, model, prompt) -> np.ndarray:
+    """transformers' own greedy continuation: exactly N_NEW tokens after the prompt."""
+    torch, _ = hf
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                             do_sample=False)
+    return out[:, prompt.shape[1]:].numpy()
+
+
+def write_config(folder, **config):
+    """A folder holding only config.json (for the refusals, which fail before reading tensors)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return folder

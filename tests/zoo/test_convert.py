@@ -155,12 +155,6 @@ def test_greedy_generation_matches_transformers(hf, name, tmp_path):
 # ------------------------------------------------------------------------------ without torch
 
 
-def _write_config(folder, **config):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return folder
-
 
 @pytest.mark.parametrize("config, option", [
     (dict(_MAMBA, model_type="mamba2", num_heads=8, head_dim=8, time_step_limit=[0.0, 1.0]), "time_step_limit"),
@@ -175,7 +169,7 @@ def _write_config(folder, **config):
 ])
 def test_unsupported_options_are_named(tmp_path, config, option):
     with pytest.raises(convert.UnsupportedError, match=option.replace("(", r"\(").replace("[", r"\[")):
-        convert.from_hf(_write_config(tmp_path, **config))
+        convert.from_hf(hf_parity.write_config(tmp_path, **config))
 
 
 def _zoo_llama(preset="llama-tiny", **overrides):

@@ -70,12 +70,9 @@ def test_logits_match_transformers_and_round_trip(hf, name, tmp_path):
 
 @pytest.mark.parametrize("name", _params(GREEDY_DEFAULT))
 def test_greedy_generation_matches_transformers(hf, name, tmp_path):
-    torch, _ = hf
     model = _build(hf, name, tmp_path)
     prompt = _tokens(2, L_PROMPT, seed=1)
-    with torch.no_grad():
-        want = model.generate(torch.tensor(prompt), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                              do_sample=False)[:, L_PROMPT:].numpy()
+    want = hf_parity.hf_greedy(hf, model, prompt)
     cfg, params = convert.from_hf(tmp_path)
     got = generate.generate(params, prompt, cfg, max_new_tokens=N_NEW, cache_len=32).tokens_BN
     np.testing.assert_array_equal(got, want)
@@ -182,16 +179,6 @@ def test_encdec_greedy_generation_matches_transformers(hf, name, tmp_path):
 # ------------------------------------------------------------------------------ refusals (no torch)
 
 
-def _write_config(folder, **config):
-    import json
-    import os
-
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return folder
-
-
 @pytest.mark.parametrize("config, option", [
     (dict(_JAMBA, model_type="jamba", hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(model_type="t5", vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -204,7 +191,7 @@ def _write_config(folder, **config):
 ])
 def test_unsupported_options_are_named(tmp_path, config, option):
     with pytest.raises(convert.UnsupportedError, match=option.replace("(", r"\(").replace("[", r"\[")):
-        convert.from_hf(_write_config(tmp_path, **config))
+        convert.from_hf(hf_parity.write_config(tmp_path, **config))
 
 
 def json_model_type(folder):

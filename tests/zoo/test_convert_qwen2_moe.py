@@ -16,6 +16,7 @@ import pytest
 
 import zoo
 from zoo import convert, generate
+from tests.zoo import hf_parity
 from tests.zoo.hf_parity import hf  # noqa: F401  (fixture)
 from tests.zoo.hf_parity import assert_close as _assert_close, logits as _logits, tokens as _tokens
 
@@ -66,12 +67,9 @@ def test_logits_match_transformers_and_round_trip(hf, tmp_path):
 
 @pytest.mark.slow
 def test_greedy_generation_matches_transformers(hf, tmp_path):
-    torch, _ = hf
     model = _build(hf, tmp_path)
     prompt = _tokens(2, L_PROMPT, seed=1)
-    with torch.no_grad():
-        want = model.generate(torch.tensor(prompt), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                              do_sample=False)[:, L_PROMPT:].numpy()
+    want = hf_parity.hf_greedy(hf, model, prompt)
     cfg, params = convert.from_hf(tmp_path)
     got = generate.generate(params, prompt, cfg, max_new_tokens=N_NEW, cache_len=32).tokens_BN
     np.testing.assert_array_equal(got, want)

@@ -20,6 +20,7 @@ import pytest
 
 import zoo
 from zoo import convert, generate
+from tests.zoo import hf_parity
 from tests.zoo.hf_parity import hf  # noqa: F401  (fixture)
 from tests.zoo.hf_parity import assert_close as _assert_close, logits as _logits, tokens as _tokens
 
@@ -105,12 +106,9 @@ def test_fused_weight_mode_imports_as_single(hf, tmp_path):
 
 @pytest.mark.slow
 def test_greedy_generation_matches_transformers(hf, tmp_path):
-    torch, _ = hf
     model = _build(hf, tmp_path)
     prompt = _tokens(2, L_PROMPT, seed=1)
-    with torch.no_grad():
-        want = model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
-                              do_sample=False)[:, L_PROMPT:].numpy()
+    want = hf_parity.hf_greedy(hf, model, prompt)
     cfg, params = convert.from_hf(tmp_path)
     got = generate.generate(params, prompt, cfg, max_new_tokens=N_NEW, cache_len=32).tokens_BN
     np.testing.assert_array_equal(got, want)
@@ -118,12 +116,6 @@ def test_greedy_generation_matches_transformers(hf, tmp_path):
 
 # ------------------------------------------------------------------------------ without torch
 
-
-def _write_config(folder, **config):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    return folder
 
 
 @pytest.mark.parametrize("config, option", [
@@ -135,7 +127,7 @@ def _write_config(folder, **config):
 ])
 def test_unsupported_options_are_named(tmp_path, config, option):
     with pytest.raises(convert.UnsupportedError, match=option):
-        convert.from_hf(_write_config(tmp_path, model_type="xlstm", **{**_XLSTM, **config}))
+        convert.from_hf(hf_parity.write_config(tmp_path, model_type="xlstm", **{**_XLSTM, **config}))
 
 
 def test_preset_exports_and_others_are_refused(tmp_path):
