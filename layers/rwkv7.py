@@ -42,7 +42,7 @@ from layers.params import ParamSpec, fan_in_normal, ones, zeros
 from layers.rwkv4 import token_shift
 
 if TYPE_CHECKING:
-    from jaxtyping import Array, Float, Int
+    from jaxtyping import Array, Bool, Float, Int
 
 FORMS = ("recurrent", "chunked")
 MAX_CHUNK = 128
@@ -255,8 +255,8 @@ def _chunked(S_BHVK, r, logw, k, v, a, b, starts_BL, chunk):
         r, logw, k, v, a, b = (jnp.pad(z, pad4) for z in (r, logw, k, v, a, b))
         starts_BL = jnp.pad(starts_BL, ((0, 0), (0, pad)))
 
-    def chunks(z):  # [B, n*C, H, K] -> [n, B, H, C, K]
-        return jnp.moveaxis(z.reshape(B, n, chunk, H, K), (1, 3), (0, 2))
+    def chunks(z):  # [B, n*C, H, K] -> [n, B, H, C, K] (v may be wider: [..., V])
+        return jnp.moveaxis(z.reshape(B, n, chunk, H, z.shape[-1]), (1, 3), (0, 2))
 
     xs = tuple(chunks(z) for z in (r, logw, k, v, a, b)) + (
         jnp.moveaxis(starts_BL.reshape(B, n, chunk), 1, 0),)
@@ -266,8 +266,25 @@ def _chunked(S_BHVK, r, logw, k, v, a, b, starts_BL, chunk):
         return S, y
 
     S_BHVK, y_NBHCV = jax.lax.scan(body, S_BHVK, xs)
-    y_BLHV = jnp.moveaxis(y_NBHCV, (0, 2), (1, 3)).reshape(B, n * chunk, H, K)[:, :L]
+    y_BLHV = jnp.moveaxis(y_NBHCV, (0, 2), (1, 3)).reshape(B, n * chunk, H, y_NBHCV.shape[-1])[:, :L]
     return y_BLHV, S_BHVK
+
+
+def recurrence(S_BHVK: "Float[Array, 'B H V K']", r: "Float[Array, 'B L H K']", logw: "Float[Array, 'B L H K']",
+               k: "Float[Array, 'B L H K']", v: "Float[Array, 'B L H V']", a: "Float[Array, 'B L H K']",
+               b: "Float[Array, 'B L H K']", starts_BL: "Bool[Array, 'B L']", *, form: str = "recurrent",
+               chunk_size: int = 16) -> tuple["Float[Array, 'B L H V']", "Float[Array, 'B H V K']"]:
+    """The state recurrence (module docstring) from S over a sequence, fp32 inputs: (y, final S).
+    starts_BL: True where a document starts (S resets there). V may differ from K."""
+    # -- context parallelism (logic in sharding/context_delta.py): None unless the rules split seq --
+    from sharding import context_delta
+    split = context_delta.dispatch_rwkv7(S_BHVK, r, logw, k, v, a, b, starts_BL, form=form, chunk_size=chunk_size)
+    if split is not None:
+        return split
+    # -- end context parallelism --
+    if form == "recurrent":
+        return _recurrent(S_BHVK, r, logw, k, v, a, b, starts_BL)
+    return _chunked(S_BHVK, r, logw, k, v, a, b, starts_BL, chunk_size)
 
 
 # ----- the layer -----
@@ -337,10 +354,7 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg, state: dict | 
     a, b = -kk, kk * alr
 
     S0 = st["S_BHVK"].astype(jnp.float32)
-    if form == "recurrent":
-        y_BLHV, S_BHVK = _recurrent(S0, r, logw, k, v, a, b, starts_BL)
-    else:
-        y_BLHV, S_BHVK = _chunked(S0, r, logw, k, v, a, b, starts_BL, cfg.chunk_size)
+    y_BLHV, S_BHVK = recurrence(S0, r, logw, k, v, a, b, starts_BL, form=form, chunk_size=cfg.chunk_size)
 
     y = _head_group_norm(y_BLHV, params["ln_x"]["scale_HK"], params["ln_x"]["bias_HK"], cfg.norm_eps)
     bonus_BLH1 = jnp.sum(r * k * params["r_k_HK"].astype(jnp.float32)[None, None], axis=-1, keepdims=True)
