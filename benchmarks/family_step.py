@@ -11,6 +11,9 @@ timed in the same process. All variants are compiled first, then timed in interl
 load from other processes on a shared CPU shifts every row alike. `--sweep` times the step `zoo compare` actually runs instead: the
 vmapped 2-member learning-rate sweep with its AdamW update (`zoo.compare.sweep`).
 
+`--delta-rule` times the delta rule alone (chunk sizes, recurrent form, the triangular inverse's
+custom gradient against autodiff) beside GLA's chunked scan at the same shape (CPU time).
+
 `--forms` also times every XLA form of the family's mixer (chunked, associative, sequential,
 recurrent, ...) and a few chunk sizes, by replacing fields of the mixer config; families whose
 mixer has a single form print one row.
@@ -130,6 +133,59 @@ def time_rounds(runs: list, repeats: int) -> list[float]:
     return [float(np.median(ts)) for ts in times]
 
 
+def delta_rule_rows(B: int, L: int, H: int, K: int, repeats: int) -> None:
+    """The delta rule's chunked form (each chunk size, with the triangular inverse's custom
+    gradient and with autodiff through its doubling product) against its recurrent form and
+    GLA's chunked scan on the same q, k, v and per-head decays: fwd + bwd, CPU ms (medians of
+    interleaved rounds; the process's CPU time, so pin it with taskset on a shared machine)."""
+    from layers import deltanet, linear_recurrence
+
+    ks = jax.random.split(jax.random.key(0), 6)
+    q = jax.random.normal(ks[0], (B, L, H, K))
+    k = jax.random.normal(ks[1], (B, L, H, K))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (B, L, H, K))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, L, H)))
+    g = -jax.nn.softplus(jax.random.normal(ks[4], (B, L, H)))
+    dy = jax.random.normal(ks[5], (B, L, H, K))
+    fast_inverse = deltanet._unit_lower_inverse
+
+    def delta(C, form="chunked", inverse=fast_inverse):
+        def loss(q, k, v, beta, g):
+            o, h = deltanet.delta_rule(q, k, v, beta, g, form=form, chunk_size=C)
+            return jnp.sum(o * dy) + jnp.sum(h)
+        deltanet._unit_lower_inverse = inverse  # read while tracing, below
+        try:
+            f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+            jax.block_until_ready(f(q, k, v, beta, g))
+        finally:
+            deltanet._unit_lower_inverse = fast_inverse
+        return lambda: f(q, k, v, beta, g)
+
+    def gla(C):
+        def loss(q, k, v, g):
+            o, h = linear_recurrence.decayed_linear_attention(q, k, v, g, scale=1.0, form="chunked", chunk_size=C)
+            return jnp.sum(o * dy) + jnp.sum(h)
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+        jax.block_until_ready(f(q, k, v, g))
+        return lambda: f(q, k, v, g)
+
+    rows = []
+    for C in (64, 32, 16):
+        rows.append((f"delta chunked/{C}", delta(C)))
+        rows.append((f"delta chunked/{C}, autodiff inverse", delta(C, inverse=deltanet._doubling_inverse)))
+    rows += [("delta recurrent", delta(64, "recurrent")), ("gla chunked/64", gla(64))]
+    times = [[] for _ in rows]
+    for _ in range(repeats):
+        for i, (_, run) in enumerate(rows):
+            c0 = time.process_time()
+            jax.block_until_ready(run())
+            times[i].append(time.process_time() - c0)
+    print(f"# delta rule fwd+bwd, B={B} L={L} H={H} K=V={K}, gated; CPU ms, median of {repeats}")
+    for (label, _), ts in zip(rows, times):
+        print(f"{label:40s} {np.median(ts) * 1e3:9.2f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="*", default=None, help="default: all compare families")
@@ -140,7 +196,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sweep", action="store_true", help="time the vmapped 2-lr sweep step instead")
     ap.add_argument("--forms", action="store_true", help="also time every mixer form / chunk size")
+    ap.add_argument("--delta-rule", action="store_true",
+                    help="time the delta rule's forms against GLA's chunked scan instead, at --batch x --seq "
+                         "with 2 heads of 32 (gated-deltanet-tiny's), e.g. --batch 1 --seq 1024")
     args = ap.parse_args(argv)
+    if args.delta_rule:
+        delta_rule_rows(args.batch, args.seq, 2, 32, args.repeats)
+        return
 
     names = args.families or F.names()
     if "transformer" not in names:

@@ -39,7 +39,9 @@ class AttentionConfig:
     alibi: add ALiBi distance biases (usually with rope=None).
     use_bias: biases on the q/k/v projections; out_bias: on the output projection.
     query_scale: multiplier on scores; defaults to head_dim ** -0.5.
-    impl: "xla" | "reference" | "pallas" (see layers.attention_core).
+    impl: "auto" | "xla" | "xla_blocked" | "reference" | "pallas" (see layers.attention_core).
+      "auto" (the default) takes the Pallas kernel on GPU/TPU; on CPU the blocked XLA path for
+      training calls on the default positions (L >= 128), else "xla".
     attention_sinks: with sliding_window, keys at the first this-many positions stay visible
       beyond the window (StreamingLLM's attention sinks); 0 = none.
     rolling_cache: the KV cache keeps only attention_sinks + sliding_window slots, reused as a
@@ -62,7 +64,7 @@ class AttentionConfig:
     use_bias: bool = False
     out_bias: bool = False
     query_scale: float | None = None
-    impl: str = "xla"
+    impl: str = "auto"
     attention_sinks: int = 0
     rolling_cache: bool = False
     kv_cache_dtype: str | None = None

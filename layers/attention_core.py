@@ -8,7 +8,7 @@ one-token decode step go through the same code. `impl` picks the implementation:
 - "xla": grouped einsums; K/V heads are never repeated to the query heads (GQA/MQA for free).
 - "reference": the slow obvious version (K/V repeated per head); the yardstick in tests.
 - "pallas": the flash-attention kernel registered by `pallas_kernels` (interpret mode on CPU).
-- "auto": "pallas" on GPU/TPU when there is no score bias; elsewhere "xla_blocked" when the
+- "auto": "pallas" on GPU/TPU when there is no score bias and K <= 256; elsewhere "xla_blocked" when the
   caller vouches for index order (`index_order=True`), the attention is causal or windowed and
   L == S >= AUTO_BLOCKED_MIN_LEN; else "xla".
 - "xla_blocked": "xla" computing only the score blocks the mask can keep (layers/blocked_attention.py).
@@ -34,6 +34,9 @@ IMPLS = ("xla", "reference", "pallas", "auto", "xla_blocked")
 # 57 -> 24.5 ms per layer's core fwd+bwd at L 256 on CPU (docs/performance.md); below two
 # tiles it is the "xla" path anyway.
 AUTO_BLOCKED_MIN_LEN = 128
+# The flash kernel's largest head dim (pallas_kernels.flash_attention.MAX_HEAD_DIM, not imported
+# here to keep kernels off the layer's import path): "auto" keeps larger heads on XLA.
+PALLAS_MAX_HEAD_DIM = 256
 
 # Kernels register themselves here (pallas_kernels imports stay out of the layer's import path).
 KERNELS: dict[str, Callable] = {}
@@ -135,7 +138,7 @@ def attend(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S G K']",
         alibi_BHLS = alibi_bias(alibi_slopes_H, q_pos_BL, k_pos_BS, causal=causal)
         bias_BHLS = alibi_BHLS if bias_BHLS is None else alibi_BHLS + bias_BHLS.astype(jnp.float32)
     if impl == "auto":  # the kernel where it runs natively and supports the case
-        if jax.default_backend() in ("gpu", "tpu") and bias_BHLS is None:
+        if jax.default_backend() in ("gpu", "tpu") and bias_BHLS is None and K <= PALLAS_MAX_HEAD_DIM:
             impl = "pallas"
         elif (index_order and L == k_BSGK.shape[1] >= AUTO_BLOCKED_MIN_LEN
               and (causal or window is not None)):

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     from jaxtyping import Array, Bool, Float
 
 DEFAULT_BLOCK = 64  # measured on CPU (docs/performance.md): 64 beat 128 and 32 at L 256
+# Every tile is its own pair of einsums in the program, so compile time grows with their count
+# (llama-tiny's loss + grad at L 1024: 3.5 s CPU for "xla", 13.7 s with 16 tiles). Longer
+# sequences get longer tiles instead of more of them; 8 tiles still skip 7/16 of the square.
+MAX_TILES = 8
 
 
 def key_ranges(L: int, S: int, *, block: int, causal: bool, window: int | None,
@@ -59,6 +63,12 @@ def key_ranges(L: int, S: int, *, block: int, causal: bool, window: int | None,
             k0 = max(q0 - window + 1, 0)
         ranges.append((q0, q1, k0, k1))
     return tuple(ranges)
+
+
+def default_block(L: int) -> int:
+    """Query rows per tile for a length-L call: DEFAULT_BLOCK, or longer so that there are at
+    most MAX_TILES tiles."""
+    return max(DEFAULT_BLOCK, -(-L // MAX_TILES))
 
 
 def covered(ranges, L: int, S: int) -> np.ndarray:
@@ -98,13 +108,16 @@ def attend_blocked(q_BLHK: "Float[Array, 'B L H K']", k_BSGK: "Float[Array, 'B S
                    v_BSGK: "Float[Array, 'B S G K']", mask_BLS: "Bool[Array, 'B L S']",
                    bias_BHLS: "Float[Array, 'B H L S'] | None" = None, *, scale: float,
                    softcap: float | None = None, causal: bool = True, window: int | None = None,
-                   sinks: int = 0, block: int = DEFAULT_BLOCK) -> "Float[Array, 'B L H K']":
+                   sinks: int = 0, block: int | None = None) -> "Float[Array, 'B L H K']":
     """Attention with `mask_BLS` (True = may attend) computing only the tiles of `key_ranges`.
     causal / window / sinks choose the tiles, the mask decides within them; the result equals
     `attention_core.attend(impl="xla")` whenever the mask is empty outside the tiles (the
-    index-order contract of the module note). With L != S (a cache) every key is one tile."""
+    index-order contract of the module note). With L != S (a cache) every key is one tile.
+    block: query rows per tile; default DEFAULT_BLOCK, longer when L needs more than MAX_TILES."""
     B, L, H, K = q_BLHK.shape
     S = k_BSGK.shape[1]
+    if block is None:
+        block = default_block(L)
     if L == S:
         ranges = key_ranges(L, S, block=block, causal=causal, window=window, sinks=sinks)
     else:

@@ -215,9 +215,16 @@ def stack_aux_loss(cfg, aux: dict) -> jax.Array:
 
 def _forward(params, tokens_BL, cfg: ModelConfig, state=None, positions_BL=None, segment_ids_BL=None):
     B, L = tokens_BL.shape
+    # Training on the default positions 0..L-1: the mixers get positions=None and build the same
+    # ones, which tells attention that positions follow token order, so impl="auto" may take the
+    # blocked path (layers/blocked_attention.py). Given positions (packing, left padding) or a
+    # state (where positions continue the cache) are passed as they are.
+    mixer_positions_BL = positions_BL
     if positions_BL is None:
         start_B = jnp.zeros((B,), jnp.int32) if state is None else state["pos_B"]
         positions_BL = start_B[:, None] + jnp.arange(L, dtype=jnp.int32)[None, :]
+        if state is not None:
+            mixer_positions_BL = positions_BL
     dtype = cfg.compute_dtype
     x_BLD = embed.embed(params["embed"], tokens_BL, dtype)
     if cfg.embed_scale is not None:
@@ -232,10 +239,10 @@ def _forward(params, tokens_BL, cfg: ModelConfig, state=None, positions_BL=None,
     if cfg.prefix:
         x_BLD, prefix_states, aux["prefix"] = run_prefix(params["prefix"], x_BLD, cfg.prefix,
                                                          None if state is None else state["prefix"],
-                                                         positions_BL, segment_ids_BL)
+                                                         mixer_positions_BL, segment_ids_BL)
     x_BLD, block_states, aux["blocks"] = run_blocks(params["blocks"], x_BLD, cfg,
                                                     None if state is None else state["blocks"],
-                                                    positions_BL, segment_ids_BL)
+                                                    mixer_positions_BL, segment_ids_BL)
     x_BLD = norms.forward(params["final_norm"], x_BLD, cfg=cfg.final_norm)
     logits_BLV = embed.unembed(params["embed"], x_BLD)
     if cfg.final_logit_softcap is not None:
