@@ -269,6 +269,13 @@ def ssd(x_BLHP: "Float[Array, 'B L H P']", log_a_BLH: "Float[Array, 'B L H']",
         raise ValueError(f"ssd: groups G={G} of B/C must divide heads H={H}")
     if mode not in SCANS:
         raise ValueError(f"ssd: mode must be one of {SCANS}, got {mode!r}")
+    # -- context parallelism (logic in sharding/context_recurrent.py): None unless the rules split seq --
+    from sharding import context_recurrent
+    split = context_recurrent.dispatch_ssd(x_BLHP, log_a_BLH, B_BLGN, C_BLGN, h0_BHPN, reset_BL,
+                                           chunk_size=chunk_size, mode=mode)
+    if split is not None:
+        return split
+    # -- end context parallelism --
     R = H // G
     f32 = jnp.float32
     a_BLH = log_a_BLH.astype(f32)
@@ -339,9 +346,14 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: Mamba2Config, 
             positions: "Int[Array, 'B L'] | None" = None, segment_ids: "Int[Array, 'B L'] | None" = None
             ) -> tuple["Float[Array, 'B L D']", dict | None]:
     """Whole sequence. `positions` is unused (order is the recurrence's); segment ids reset the
-    SSM state and the conv window at each document start. With `state`, continue from it."""
+    SSM state and the conv window at each document start. With `state`, continue from it.
+
+    A one-token call (the model's decode step comes here, not through `step`) runs the
+    sequential form: the chunked one would pad the token to a whole chunk and build its
+    [Q, Q] decays (6x slower per token at Q 64; docs/recurrent_performance.md)."""
     del positions
-    return _apply(params, x_BLD, state, segment_ids, cfg=cfg, mode=cfg.scan)
+    mode = "sequential" if x_BLD.shape[1] == 1 else cfg.scan
+    return _apply(params, x_BLD, state, segment_ids, cfg=cfg, mode=mode)
 
 
 def step(params: dict, x_BD: "Float[Array, 'B D']", state: dict, *, cfg: Mamba2Config

@@ -347,7 +347,14 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: _MinRNNConfig,
     h0_BE = (jnp.zeros((B, cfg.d_hidden), jnp.float32) if state is None
              else state["h_BE"].astype(jnp.float32))
     reset_BL = None if segment_ids is None else segments.starts(segment_ids, L, B)
-    if cfg.form == "sequential":
+    # -- context parallelism (logic in sharding/context_recurrent.py): None unless the rules split seq --
+    from sharding import context_recurrent
+    split = context_recurrent.dispatch_mingru(h0_BE, log_a_BLE, log_b_BLE, reset_BL, form=cfg.form,
+                                              chunk_size=cfg.chunk_size)
+    # -- end context parallelism --
+    if split is not None:
+        h_BLE = split
+    elif cfg.form == "sequential":
         h_BLE = sequential_scan(h0_BE, log_a_BLE, log_b_BLE, reset_BL)
     elif cfg.chunk_size is None:
         h_BLE = log_scan(h0_BE, log_a_BLE, log_b_BLE, reset_BL)

@@ -266,6 +266,13 @@ def cell(q_BLHK: "Float[Array, 'B L H K']", k_BLHK: "Float[Array, 'B L H K']",
     state: (C [B,H,K,V], n [B,H,K], m [B,H]) or None (the empty state). starts_BL: True where a
     packed document begins (the state resets to empty). Returns h and the final (C, n, m).
     """
+    # -- context parallelism (logic in sharding/context_recurrent.py): None unless the rules split seq --
+    from sharding import context_recurrent
+    split = context_recurrent.dispatch_mlstm(q_BLHK, k_BLHK, v_BLHV, i_BLH, f_BLH, state, starts_BL, form=form,
+                                             chunk_size=chunk_size, eps=eps, gate_soft_cap=gate_soft_cap)
+    if split is not None:
+        return split
+    # -- end context parallelism --
     B, L, H, K = q_BLHK.shape
     V = v_BLHV.shape[-1]
     f32 = jnp.float32

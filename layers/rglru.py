@@ -131,6 +131,12 @@ def rg_lru(u_BLE: "Float[Array, 'B L E']", r_BLE: "Float[Array, 'B L E']", i_BLE
            c: float) -> tuple["Float[Array, 'B L E']", "Float[Array, 'B E']"]:
     """The RG-LRU recurrence (fp32) from gates r, i in (0, 1) -> (h for every token, last h).
     reset_BL: True where the state is dropped and the input is not normalised."""
+    # -- context parallelism (logic in sharding/context_recurrent.py): None unless the rules split seq --
+    from sharding import context_recurrent
+    split = context_recurrent.dispatch_rglru(u_BLE, r_BLE, i_BLE, lambda_E, reset_BL, h0_BE, c=c)
+    if split is not None:
+        return split
+    # -- end context parallelism --
     f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
     log_a_BLE = -c * f32(r_BLE) * jax.nn.softplus(f32(lambda_E))[None, None, :]
     reset_BL1 = reset_BL[:, :, None]

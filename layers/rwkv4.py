@@ -304,7 +304,14 @@ def forward(params: dict, x_BLD: "Float[Array, 'B L D']", *, cfg: RWKV4TimeMixCo
     u_A = params["time_first_A"].astype(jnp.float32)
     wkv_state = (st["aa_BA"].astype(jnp.float32), st["bb_BA"].astype(jnp.float32),
                  st["pp_BA"].astype(jnp.float32))
-    if form == "recurrent":
+    # -- context parallelism (logic in sharding/context_recurrent.py): None unless the rules split seq --
+    from sharding import context_recurrent
+    split = context_recurrent.dispatch_wkv4(w_A, u_A, k_BLA, v_BLA, starts_BL, wkv_state, form=form,
+                                            chunk_size=cfg.chunk_size)
+    # -- end context parallelism --
+    if split is not None:
+        wkv_BLA, (aa, bb, pp) = split
+    elif form == "recurrent":
         wkv_BLA, (aa, bb, pp) = _wkv_recurrent(w_A, u_A, k_BLA, v_BLA, starts_BL, wkv_state)
     else:
         chunk = L if form == "parallel" else cfg.chunk_size
