@@ -1,8 +1,9 @@
 """Meshes and logical-axis rules: parameters name their axes, rules map names to mesh axes.
 
-Collective layers (expert parallelism, ring attention, the context-parallel scan) live in their
-own modules (sharding.expert_parallel, sharding.ring_attention, sharding.context_scan) and are
-imported where used; sharding.cli holds the command-line flags.
+Collective layers (expert parallelism, ring attention, the context-parallel scans) live in their
+own modules (sharding.expert_parallel, sharding.ring_attention, and sharding.context_scan,
+context_recurrent and context_delta, which the recurrent layers call when the rules split the
+sequence) and are imported where used; sharding.cli holds the command-line flags.
 """
 
 from sharding.context import active, constrain, constrain_tree, use_rules
