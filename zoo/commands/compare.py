@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
                    help="comma-separated tasks or groups (default: the mode's tasks): "
                         f"{','.join(tasks.GROUPS)} or a task name such as mqar_64_4")
     mode = c.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a smoke-sized run (MQAR 64/4 and a short LM task)")
+    mode.add_argument("--quick", action="store_true",
+                      help="a smoke-sized run (MQAR 64/4 and a short LM task), compiled at XLA level 1: "
+                           "its times are not comparable with other modes")
     mode.add_argument("--full", action="store_true",
                       help="paper-scale budget (MQAR up to 512/64, 1M parameters, 5000 steps): for accelerators")
     c.add_argument("--scaling", action="store_true",
@@ -41,7 +43,7 @@ def add_parser(sub) -> None:
                    help="override the mode's non-embedding parameter target per family")
     c.add_argument("--compile-threads", type=positive_int, default=None,
                    help="threads that compile every family's sweep steps and scorers before training "
-                        "(default 1)")
+                        "(default 2, or 1 on a 1-CPU machine)")
     c.add_argument("--no-progress", action="store_true", help="do not print the progress line")
     c.set_defaults(run=cmd_compare, subparser=c)
 

@@ -21,6 +21,7 @@ any timed step. `compile_s` is the wall time of that compilation.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -45,6 +46,11 @@ class Budget:
     mqar_steps, mqar_batch_size, mqar_lrs: MQAR's own steps, batch and sweep where they differ
       (None: the general ones). Attention leaves MQAR's ln(4) plateau only after a few hundred
       steps, far more than a language-modelling smoke run needs (docs/compare.md, "MQAR on a CPU").
+    xla_optimization_level: XLA's backend optimisation level for the sweep steps, scorers and
+      decoding steps (None: XLA's default). Lower levels compile faster and run slower (0: about
+      half the compile time, 2.5-12x slower steps; 1: 10-30% less compile time, steps up to 1.4x
+      slower): the reported compile, step and decoding times are then not comparable with a run
+      at the default (`meta.xla_optimization_level` records it).
     """
 
     target_params: int
@@ -58,6 +64,7 @@ class Budget:
     mqar_steps: int | None = None
     mqar_batch_size: int | None = None
     mqar_lrs: tuple[float, ...] | None = None
+    xla_optimization_level: int | None = None
 
     def __post_init__(self):
         for name in ("target_params", "steps", "batch_size", "eval_batches", "eval_batch_size",
@@ -69,6 +76,9 @@ class Budget:
             v = getattr(self, name)
             if v is not None and (not v or not all(x > 0 for x in v)):
                 raise ValueError(f"Budget.{name}: expected a non-empty tuple of positive rates, got {v!r}")
+        level = self.xla_optimization_level
+        if level is not None and (not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 3):
+            raise ValueError(f"Budget.xla_optimization_level: expected None or an int in 0..3, got {level!r}")
 
     def for_task(self, task: T.Task) -> "Budget":
         """This budget with MQAR's own steps, batch and rates in place for an MQAR task."""
@@ -86,11 +96,18 @@ MQAR_SANITY = dict(target_params=80_000, steps=800, batch_size=32, lrs=(3e-3,), 
 
 BUDGETS = {
     # A smoke run: every family compiles one sweep step (MQAR and LM share length 64 and the LM
-    # vocabulary), one scorer and its decode steps, and trains a few dozen steps per task.
-    # Compilation is most of it; MQAR stays near chance at this budget (see MQAR_SANITY).
-    "quick": Budget(target_params=20_000, steps=40, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=1,
-                    eval_batch_size=64, decode_contexts=(256, 1024)),
-    "default": Budget(target_params=30_000, steps=100, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=2,
+    # vocabulary), one scorer and its decode steps, and trains 20 steps per task, all at XLA
+    # level 1: it compiles 10-30% faster than the default level and steps nearly as fast (level 0
+    # compiles faster still but its steps are 2.5-12x slower; docs/compare.md, "Compilation").
+    # It checks that every family trains, scores, decodes and reports; MQAR stays at chance (see
+    # MQAR_SANITY), and its times are not comparable with a run at XLA's default level.
+    # At 20 steps 1e-2 was the better rate for every family and left Mamba-2 at 8.2 bits per byte
+    # on LM; 3e-2 brings it to 4.3 (docs/compare.md), hence this sweep.
+    "quick": Budget(target_params=20_000, steps=20, batch_size=8, lrs=(1e-2, 3e-2), eval_batches=1,
+                    eval_batch_size=64, decode_contexts=(256, 1024), xla_optimization_level=1),
+    # Ten minutes on a 2-core CPU: one shape group (all tasks at L 64), so each family compiles
+    # one sweep step and one scorer at XLA's default level, and 60 steps per task (docs/compare.md).
+    "default": Budget(target_params=30_000, steps=60, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=2,
                       eval_batch_size=64),
     "full": Budget(target_params=1_000_000, steps=5000, batch_size=64,
                    lrs=tuple(float(x) for x in np.logspace(-4, -2, 4)), eval_batches=8,
@@ -151,12 +168,10 @@ def run_task(sized: F.Sized, task: T.Task, budget: Budget, seed: int,
     res = sweep.train_sweep(cfg, budget.lrs, T.train_batches(task, budget.batch_size, seed),
                             steps=budget.steps,
                             warmup_steps=min(budget.steps - 1, max(1, int(budget.warmup_fraction * budget.steps))),
-                            seed=seed, on_step=on_step)
+                            seed=seed, on_step=on_step, xla_level=budget.xla_optimization_level)
     held_out = T.eval_batches(task, budget.eval_batch_size, budget.eval_batches, seed)
-    if task.metric == "accuracy":
-        values_R = sweep.accuracy_R(res.params, cfg, held_out)
-    else:
-        values_R = sweep.bits_per_token_R(res.params, cfg, held_out)
+    score = sweep.accuracy_R if task.metric == "accuracy" else sweep.bits_per_token_R
+    values_R = score(res.params, cfg, held_out, xla_level=budget.xla_optimization_level)
     best = _best(task, values_R)
     entry = {
         "metric": task.metric,
@@ -211,8 +226,9 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
     out["reference_task"] = ref.name
     out["decode"] = {}
     for ctx in budget.decode_contexts:
-        out["decode"][str(ctx)] = {"s_per_token": measure.decode_seconds_per_token(ref_cfg, ref_params, ctx),
-                                   "state_bytes": measure.state_bytes(ref_cfg, ctx)}
+        s_per_token = measure.decode_seconds_per_token(ref_cfg, ref_params, ctx,
+                                                       xla_level=budget.xla_optimization_level)
+        out["decode"][str(ctx)] = {"s_per_token": s_per_token, "state_bytes": measure.state_bytes(ref_cfg, ctx)}
         if progress is not None:
             progress.show(f"{name} decode at context {ctx}", transient=True)
     return out
@@ -232,28 +248,34 @@ def shape_groups(tasks: list[T.Task], budget: Budget) -> list[tuple[int, int, in
 
 def precompile(family_names: list[str], tasks: list[T.Task], budget: Budget, threads: int,
                progress: Progress | None = None) -> float:
-    """Compile every family's sweep steps and scorers in a pool of `threads` before any training;
-    returns the wall seconds. The phase ends before the first timed step, so no compile competes
-    with a measurement; the caches in `sweep` then serve `run_task`. With threads > 1 several
-    compile at once (XLA's compiler is meant to release the GIL)."""
+    """Compile every family's initialisers, sweep steps, scorers and decoding steps in a pool of
+    `threads` before any training; returns the wall seconds. The phase ends before the first
+    timed step, so no compile competes with a measurement; the caches in `sweep` and `measure`
+    then serve `run_task` and `run_family`. With threads > 1 several compile at once (XLA's
+    compiler releases the GIL)."""
     import concurrent.futures
 
     t0 = time.perf_counter()
     ref = next((t for t in tasks if t.name == "lm"), tasks[0])
+    level = budget.xla_optimization_level
     jobs = []
     for name in family_names:
         fam = F.get(name)
         sized = F.solve(name, budget.target_params, vocab_size=ref.vocab_size, max_len=ref.seq_len)
         for L, V, B, R in shape_groups(tasks, budget):
             cfg = fam.config(vocab_size=V, max_len=L, d_model=sized.d_model, d_ff=sized.d_ff)
-            jobs.append((sweep.compile_step, (cfg, R, B, L)))
-            jobs.append((sweep.compile_scorer, (cfg, R, budget.eval_batch_size, L)))
+            jobs.append((sweep._compiled_start, (cfg, R, 0.1)))
+            jobs.append((sweep.compile_step, (cfg, R, B, L, 0.1, level)))
+            jobs.append((sweep.compile_scorer, (cfg, R, budget.eval_batch_size, L, level)))
+        ref_cfg = fam.config(vocab_size=T.model_vocab(ref, tasks), max_len=ref.seq_len, d_model=sized.d_model,
+                             d_ff=sized.d_ff)
+        jobs += [(measure.compile_decoder, (ref_cfg, ctx, level)) for ctx in budget.decode_contexts]
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [pool.submit(fn, *args) for fn, args in jobs]
         for i, fut in enumerate(concurrent.futures.as_completed(futures)):
             fut.result()
             if progress is not None:
-                progress.show(f"compiled {i + 1}/{len(jobs)} steps and scorers on {threads} threads",
+                progress.show(f"compiled {i + 1}/{len(jobs)} executables on {threads} threads",
                               transient=True)
     return time.perf_counter() - t0
 
@@ -266,7 +288,6 @@ def _member(params_R: Any, r: int) -> Any:
 
 def meta(*, budget: Budget, mode: str, seed: int, command: str, peak_flops: float,
          family_names: list[str], task_list: list[T.Task]) -> dict:
-    import os
     import platform
 
     import jax
@@ -283,6 +304,7 @@ def meta(*, budget: Budget, mode: str, seed: int, command: str, peak_flops: floa
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
                      "optax": optax.__version__},
         "matmul_peak_flops": peak_flops,
+        "xla_optimization_level": budget.xla_optimization_level,
         "budget": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(budget).items()},
         "families": family_names,
         "tasks": {t.name: {"metric": t.metric, "vocab_size": t.vocab_size, "seq_len": t.seq_len,
@@ -296,16 +318,16 @@ def run(family_names: list[str], task_list: list[T.Task], budget: Budget, *, see
         command: str = "", show_progress: bool = True, compile_threads: int | None = None) -> dict:
     """Every family on every task; returns the results dict (see docs/compare.md for the schema).
 
-    compile_threads: size of the pool that compiles every sweep step and scorer up front, before
-      training (default 1: one by one; more showed no gain on the loaded 2-core CPU where it was
-      tried, docs/compare.md).
+    compile_threads: size of the pool that compiles every executable up front, before training
+      (default: 2, or 1 on a 1-CPU machine; on the loaded 2-core CPU 2 threads took 10% less wall
+      time than 1 for the same CPU time: tracing and lowering hold the GIL, docs/compare.md).
     """
     t0 = time.perf_counter()
     peak = measure.matmul_peak_flops()
     progress = Progress(len(family_names) * len(task_list), enabled=show_progress)
     results = {"meta": meta(budget=budget, mode=mode, seed=seed, command=command, peak_flops=peak,
                             family_names=family_names, task_list=task_list), "families": {}}
-    threads = compile_threads or 1
+    threads = compile_threads or min(2, os.cpu_count() or 1)
     results["meta"]["compile_threads"] = threads
     results["meta"]["precompile_s"] = precompile(family_names, task_list, budget, threads, progress)
     for name in family_names:

@@ -115,23 +115,49 @@ def state_bytes(cfg: ModelConfig, context: int, batch_size: int = 1) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
-def decode_seconds_per_token(cfg: ModelConfig, params: Any, context: int, n_tokens: int = 8) -> float:
-    """Median seconds of one `zoo.step` (batch 1) with a cache of `context` positions.
+#: Compiled (zero state, decoding step) pairs keyed by (config, context, XLA level).
+_DECODERS: dict[tuple, tuple[Any, Any]] = {}
+
+
+def compile_decoder(cfg: ModelConfig, context: int, xla_level: int | None = None) -> tuple[Any, Any]:
+    """(zero state, compiled step) for decoding at batch 1 with a cache of `context` positions,
+    from shapes alone (cached; thread-safe, so `harness.precompile` can run it in its pool).
+
+    The step is `zoo.model`'s jitted decoding step, the function `zoo.step` runs after its host-side
+    argument checks; compiled here with explicit options so that a run's XLA level applies to it.
+    Attention's cache shape is the context, so it compiles once per context; a recurrent state
+    does not depend on it, and jit's own cache would not help an explicit compile, hence this one.
+    """
+    from zoo.compare.sweep import UNTIMED_COMPILE, compile_options
+
+    key = (cfg, context, xla_level)
+    if key not in _DECODERS:
+        # One executable for the zero state (eagerly, every leaf would compile its own fill and
+        # reshape); its speed is not measured, so XLA need not optimise it.
+        state = jax.jit(lambda: zoo.init_state(cfg, 1, context)).lower().compile(compiler_options=UNTIMED_COMPILE)()
+        params = P.abstract(zoo.param_specs(cfg))
+        tokens_B = jax.ShapeDtypeStruct((1,), jnp.int32)
+        step = zoo.model._step_jit.lower(params, tokens_B, state, cfg=cfg).compile(
+            compiler_options=compile_options(xla_level))
+        _DECODERS[key] = (state, step)
+    return _DECODERS[key]
+
+
+def decode_seconds_per_token(cfg: ModelConfig, params: Any, context: int, n_tokens: int = 8, *,
+                             xla_level: int | None = None) -> float:
+    """Median seconds of one decoding step (batch 1) with a cache of `context` positions.
 
     Attention's step reads every slot of its cache (masked by position), so a fresh state of
     capacity `context` costs what a full one does; recurrent states cost the same at any context.
     """
-    # One executable for the zero state (eagerly, every leaf would compile its own fill and
-    # reshape); its speed is not measured, so XLA need not optimise it.
-    from zoo.compare.sweep import UNTIMED_COMPILE
-    state = jax.jit(lambda: zoo.init_state(cfg, 1, context)).lower().compile(compiler_options=UNTIMED_COMPILE)()
+    state, step = compile_decoder(cfg, context, xla_level)
     tokens_B: "Int[np.ndarray, 'B']" = np.ones((1,), np.int32)
-    logits, state = zoo.step(params, tokens_B, state, cfg=cfg)  # compile
+    logits, state = step(params, tokens_B, state)  # warm-up: first-call allocations
     jax.block_until_ready(logits)
     times = []
     for _ in range(n_tokens):
         t = time.perf_counter()
-        logits, state = zoo.step(params, tokens_B, state, cfg=cfg)
+        logits, state = step(params, tokens_B, state)
         jax.block_until_ready(logits)
         times.append(time.perf_counter() - t)
     return float(np.median(times))

@@ -93,6 +93,14 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _level_note(level: int | None) -> str:
+    if level is None:
+        return "Compiled at XLA's default optimisation level."
+    return (f"**Compiled at XLA optimisation level {level}** (to compile fast): the compile, step and decoding "
+            "times below are of less optimised code and are not comparable with a run at XLA's default level; "
+            "the scores do not depend on it.")
+
+
 def markdown(results: dict, plots: list[str], plot_note: str | None) -> str:
     meta, fams = results["meta"], results["families"]
     names = list(fams)
@@ -106,7 +114,8 @@ def markdown(results: dict, plots: list[str], plot_note: str | None) -> str:
         f"Budget ({meta.get('mode')}): {b.get('target_params', '?'):,} non-embedding parameters per family "
         f"(widths solved per family), {b.get('steps')} steps x {b.get('batch_size')} sequences per task, "
         f"learning rates {b.get('lrs')} swept at once, best reported; 2 layers, AdamW (wd 0.1), warmup + cosine.  ",
-        f"Wall time: {meta.get('wall_s', float('nan')):.0f} s.", "",
+        f"Wall time: {meta.get('wall_s', float('nan')):.0f} s.  ",
+        _level_note(meta.get("xla_optimization_level")), "",
         "## Task scores (best of the learning-rate sweep)", "",
         "| family | " + " | ".join(task_names) + " |",
         "|---|" + "---|" * len(task_names),

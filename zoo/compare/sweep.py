@@ -86,29 +86,42 @@ def schedule_factors(steps: int, warmup_steps: int) -> np.ndarray:
     """The learning-rate multiplier of each step (peak 1): `zoo.train`'s schedule (linear warmup
     from 0, cosine decay to 10%) evaluated at steps 0 .. steps-1, as optax's count would."""
     tcfg = ztrain.TrainConfig(steps=steps, lr=1.0, warmup_steps=warmup_steps)
+    # One executable at level 0, not a dozen eager ops each compiled at the default level.
     with jax.numpy_dtype_promotion("standard"):
-        factors = np.asarray(zoptimizers.make_schedule(tcfg)(np.arange(steps)), np.float32)
+        schedule = jax.jit(zoptimizers.make_schedule(tcfg)).lower(jax.ShapeDtypeStruct((steps,), jnp.int32)).compile(
+            compiler_options=UNTIMED_COMPILE)
+    factors = np.asarray(schedule(np.arange(steps, dtype=np.int32)), np.float32)
     factors.setflags(write=False)  # shared by the cache
     return factors
 
 
+def compile_options(xla_level: int | None) -> dict:
+    """XLA compile options for an optimisation level (None: XLA's default, the empty dict).
+
+    Lower levels run fewer LLVM optimisations: a compare-sized sweep step compiles in about half
+    the default's CPU time at level 0 but runs 2.5-12x slower, at level 1 in 70-90% of it and
+    up to 1.4x slower (docs/compare.md, "Compilation"); that pays only where few steps run
+    (`--quick`, level 1). The run records the level (`meta.xla_optimization_level`)."""
+    return {} if xla_level is None else {"xla_backend_optimization_level": int(xla_level)}
+
+
 #: Compiled sweep steps keyed by everything that shapes the executable (config, members, weight
-#: decay, batch shape). The schedule and the step count are inputs, so the tasks of one shape
-#: group (same length, model vocabulary and batch) and a rerun with another seed or step count
-#: reuse one compilation; compilation dominates a CPU-sized comparison.
+#: decay, batch shape, XLA optimisation level). The schedule and the step count are inputs, so
+#: the tasks of one shape group (same length, model vocabulary and batch) and a rerun with another
+#: seed or step count reuse one compilation; compilation dominates a CPU-sized comparison.
 _COMPILED: dict[tuple, tuple[Any, float, int]] = {}
 
 
-def _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch):
+def _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch, xla_level=None):
     """(executable, seconds its compilation took, XLA's peak bytes), compiled on first use of the key.
 
     A cache hit reports the compile seconds of the original compilation: the cost that the
     family's step pays once per run."""
-    key = (cfg, R, float(weight_decay), tuple(batch[0].shape))
+    key = (cfg, R, float(weight_decay), tuple(batch[0].shape), xla_level)
     if key not in _COMPILED:
         step_fn = _sweep_step(cfg, _optimizer(cfg, weight_decay))
         t0 = time.perf_counter()
-        compiled = step_fn.lower(params, opt_state, lrs_R, *batch).compile()
+        compiled = step_fn.lower(params, opt_state, lrs_R, *batch).compile(compiler_options=compile_options(xla_level))
         compile_s = time.perf_counter() - t0
         m = compiled.memory_analysis()
         peak = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -156,7 +169,8 @@ def _compiled_start(cfg: Any, R: int, weight_decay: float) -> Any:
     return _STARTS[key]
 
 
-def compile_step(cfg: Any, R: int, batch_size: int, seq_len: int, weight_decay: float = 0.1) -> float:
+def compile_step(cfg: Any, R: int, batch_size: int, seq_len: int, weight_decay: float = 0.1,
+                 xla_level: int | None = None) -> float:
     """Compile (and cache) the sweep step that `train_sweep` will use for this shape, from shapes
     alone; returns its compile seconds. Safe to call from worker threads: XLA compiles without
     the GIL, so a pool compiles several families at once (`harness.precompile`)."""
@@ -164,15 +178,17 @@ def compile_step(cfg: Any, R: int, batch_size: int, seq_len: int, weight_decay: 
     int_BL = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     batch = (int_BL, int_BL, jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32))
     lrs_R = jax.ShapeDtypeStruct((R,), jnp.float32)
-    return _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch)[1]
+    return _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch, xla_level)[1]
 
 
 def clear_cache() -> None:
-    """Drop the compiled sweep steps and scorers (they hold executables; a long process may want
-    them gone)."""
+    """Drop the compiled initialisers, sweep steps, scorers and decoders (they hold executables; a
+    long process may want them gone)."""
     _COMPILED.clear()
     _SCORERS.clear()
     _STARTS.clear()
+    from zoo.compare import measure  # imports this module: not at the top
+    measure._DECODERS.clear()
 
 
 def init_sweep(cfg: Any, n: int, seed: int, weight_decay: float = 0.1) -> Any:
@@ -182,12 +198,13 @@ def init_sweep(cfg: Any, n: int, seed: int, weight_decay: float = 0.1) -> Any:
 
 def train_sweep(cfg: Any, lrs: tuple[float, ...], batches: Iterator[tuple[np.ndarray, np.ndarray]], *,
                 steps: int, warmup_steps: int, weight_decay: float = 0.1, seed: int = 0,
-                on_step: Callable[[int], Any] | None = None) -> SweepResult:
+                on_step: Callable[[int], Any] | None = None, xla_level: int | None = None) -> SweepResult:
     """Train `cfg` for `steps` steps at every rate in `lrs` on the same `batches`.
 
     `batches` yields (inputs_BL, targets_BL) with IGNORE (< 0) at unscored targets; the loss is
     the mean over scored positions. Schedule: linear warmup then cosine decay to 10% (the
-    project's `TrainConfig` defaults), AdamW b2 0.95, clipping at 1.
+    project's `TrainConfig` defaults), AdamW b2 0.95, clipping at 1. xla_level: XLA's
+    optimisation level for the step (None: XLA's default; see `compile_options`).
     """
     factors_S = schedule_factors(steps, warmup_steps)
     R = len(lrs)
@@ -200,7 +217,8 @@ def train_sweep(cfg: Any, lrs: tuple[float, ...], batches: Iterator[tuple[np.nda
         return np.asarray(inputs_BL, np.int32), np.maximum(targets_BL, 0).astype(np.int32), mask_BL
 
     first = prepare(next(batches))
-    compiled, compile_s, peak_bytes = _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, first)
+    compiled, compile_s, peak_bytes = _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, first,
+                                                     xla_level)
 
     losses, times = [], []
     batch = first
@@ -246,26 +264,27 @@ def _sweep_scores(params_R, inputs_BL, targets_BL, cfg):
     return jax.vmap(one)(params_R)
 
 
-#: Compiled scorers keyed by (config, members, batch shape), like `_COMPILED`.
+#: Compiled scorers keyed by (config, members, batch shape, XLA level), like `_COMPILED`.
 _SCORERS: dict[tuple, Any] = {}
 
 
-def compile_scorer(cfg: Any, R: int, batch_size: int, seq_len: int) -> Any:
+def compile_scorer(cfg: Any, R: int, batch_size: int, seq_len: int, xla_level: int | None = None) -> Any:
     """The compiled `_sweep_scores` for this shape (cached; thread-safe like `compile_step`)."""
-    key = (cfg, R, batch_size, seq_len)
+    key = (cfg, R, batch_size, seq_len, xla_level)
     if key not in _SCORERS:
         params = _abstract_state(cfg, R, 0.1)[0]
         int_BL = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-        _SCORERS[key] = _sweep_scores.lower(params, int_BL, int_BL, cfg).compile()
+        _SCORERS[key] = _sweep_scores.lower(params, int_BL, int_BL, cfg).compile(
+            compiler_options=compile_options(xla_level))
     return _SCORERS[key]
 
 
-def _score_sums(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]]
+def _score_sums(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]], xla_level: int | None
                 ) -> tuple[np.ndarray, np.ndarray, int]:
     hits, nats, count = 0.0, 0.0, 0
     R = jax.tree.leaves(params_R)[0].shape[0]
     for inputs_BL, targets_BL in batches:
-        scorer = compile_scorer(cfg, R, *inputs_BL.shape)
+        scorer = compile_scorer(cfg, R, *inputs_BL.shape, xla_level=xla_level)
         hits_R, nats_R = scorer(params_R, np.asarray(inputs_BL, np.int32), np.asarray(targets_BL, np.int32))
         hits = hits + np.asarray(hits_R, np.float64)
         nats = nats + np.asarray(nats_R, np.float64)
@@ -273,14 +292,16 @@ def _score_sums(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndar
     return np.asarray(hits), np.asarray(nats), count
 
 
-def accuracy_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+def accuracy_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]], *,
+               xla_level: int | None = None) -> np.ndarray:
     """Per-member accuracy over the scored positions (target >= 0) of `batches` (argmax == target)."""
-    hits, _nats, count = _score_sums(params_R, cfg, batches)
+    hits, _nats, count = _score_sums(params_R, cfg, batches, xla_level)
     return hits / max(count, 1)
 
 
-def bits_per_token_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+def bits_per_token_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]], *,
+                     xla_level: int | None = None) -> np.ndarray:
     """Per-member mean next-token loss in bits over the scored positions (bits per byte for
     byte-level data, where every position is scored)."""
-    _hits, nats, count = _score_sums(params_R, cfg, batches)
+    _hits, nats, count = _score_sums(params_R, cfg, batches, xla_level)
     return nats / max(count, 1) / math.log(2)
