@@ -3,16 +3,18 @@ single-device step: same loss, same updated params; optimizer state placed like 
 device holds the share of the parameters the rules promise; the compiled step has the
 collectives the strategy needs and not those it should avoid.
 
-One small hybrid model serves every strategy, so one single-device baseline is compiled once:
-a Llama block (GQA attention, RoPE, SwiGLU) then a GLA block. Under cp its attention is ring
-attention and its GLA scan the context-parallel scan (sharding.ring_attention,
-sharding.context_scan), dispatched by the layers themselves. Expert parallelism needs a MoE
-model: tests/sharding/test_expert_parallel.py.
+One small hybrid model serves every strategy but ep, so its single-device baseline is compiled
+once: a Llama block (GQA attention, RoPE, SwiGLU) then a GLA block. Under cp its attention is
+ring attention and its GLA scan the context-parallel scan (sharding.ring_attention,
+sharding.context_scan), dispatched by the layers themselves. Expert parallelism trains a
+one-block Mixtral (4 experts), against its own baseline; its layer-level checks (both dispatches,
+balance statistics) are in tests/sharding/test_expert_parallel.py.
 Compiles use XLA's backend optimisation level 0: the partitioned HLO (what these tests read) is
 the same, the CPU code generation several seconds cheaper.
 """
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -34,6 +36,12 @@ _LLAMA = zoo.presets.get("llama-tiny", vocab_size=64, d_model=32, n_layers=2, n_
                          max_len=L)
 CFG = dataclasses.replace(_LLAMA, pattern=_LLAMA.pattern + (dataclasses.replace(
     _LLAMA.pattern[0], mixer=GLAConfig(d_model=32, n_heads=4, chunk_size=4)),))
+# Expert parallelism needs experts: one Mixtral block (attention, then a MoE of 4 experts that ep
+# splits over the expert axis). A model of its own, because under the other presets a dropless
+# MoE's global sort of the tokens gathers the batch (an all-gather that dp must not have).
+MOE_CFG = zoo.presets.get("mixtral-tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, max_len=L,
+                          moe=dict(d_ff=16, n_experts=4, top_k=2, load_balance_weight=0.02,
+                                   expert_parallel_axis="expert"))
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
@@ -46,8 +54,8 @@ def _optimizer():
     return optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9))
 
 
-def _step(params, opt_state, inputs_BL, targets_BL, segment_ids_BL):
-    loss, grads = jax.value_and_grad(loss_fn)(params, inputs_BL, targets_BL, CFG, segment_ids=segment_ids_BL)
+def _step(params, opt_state, inputs_BL, targets_BL, segment_ids_BL, *, cfg):
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs_BL, targets_BL, cfg, segment_ids=segment_ids_BL)
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = _optimizer().update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -60,23 +68,37 @@ def _batch():
     return tokens[:, :-1], tokens[:, 1:], seg
 
 
+MODELS = {"hybrid": CFG, "moe": MOE_CFG}
+
+
 @pytest.fixture(scope="module")
 def single():
-    specs = zoo.param_specs(CFG)
-    params = jax.jit(lambda k: P.init(k, specs)).lower(jax.random.key(0)).compile(FAST_COMPILE)(jax.random.key(0))
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = _optimizer().init(params)
-    step = jax.jit(_step).lower(params, opt_state, *_batch()).compile(FAST_COMPILE)
-    new_params, _, loss = step(params, opt_state, *_batch())
-    return params, jax.device_get(new_params), float(loss)
+    """model name -> (params, params after one single-device step, loss); each model's baseline
+    is compiled once, by the first strategy that needs it."""
+    cache = {}
+
+    def baseline(model):
+        if model not in cache:
+            cfg = MODELS[model]
+            specs = zoo.param_specs(cfg)
+            params = jax.jit(lambda k: P.init(k, specs)).lower(jax.random.key(0)).compile(FAST_COMPILE)(
+                jax.random.key(0))
+            with jax.numpy_dtype_promotion("standard"):
+                opt_state = _optimizer().init(params)
+            step = jax.jit(functools.partial(_step, cfg=cfg)).lower(params, opt_state, *_batch()).compile(FAST_COMPILE)
+            new_params, _, loss = step(params, opt_state, *_batch())
+            cache[model] = params, jax.device_get(new_params), float(loss)
+        return cache[model]
+
+    return baseline
 
 
-def sharded_step(mesh_spec, rules, params0):
-    """(compiled step, params, opt_state, batch, mesh) for this mesh and rule preset, with the
-    baseline's `params0` placed by the rules (test_init_sharded_draws_the_single_device_numbers
+def sharded_step(cfg, mesh_spec, rules, params0):
+    """(compiled step, params, opt_state, batch, mesh) for this model, mesh and rule preset, with
+    the baseline's `params0` placed by the rules (test_init_sharded_draws_the_single_device_numbers
     covers initialising directly sharded)."""
     mesh = sharding.make_mesh(mesh_spec)
-    specs = zoo.param_specs(CFG)
+    specs = zoo.param_specs(cfg)
     p_shard = sharding.param_shardings(specs, mesh, rules)
     params = jax.device_put(params0, p_shard)
     opt_state = sharding.init_optimizer_sharded(_optimizer(), params, p_shard, mesh)
@@ -84,7 +106,7 @@ def sharded_step(mesh_spec, rules, params0):
     batch = tuple(jax.device_put(a, data) for a in _batch())
     with sharding.use_rules(mesh, rules):
         o_shard = sharding.like_params_shardings(opt_state, p_shard, mesh)
-        step = jax.jit(_step, out_shardings=(p_shard, o_shard, None))
+        step = jax.jit(functools.partial(_step, cfg=cfg), out_shardings=(p_shard, o_shard, None))
         compiled = step.lower(params, opt_state, *batch).compile(FAST_COMPILE)
     return compiled, params, opt_state, batch, mesh
 
@@ -124,18 +146,21 @@ def _all_gather_shapes(hlo: str) -> list[tuple[int, ...]]:
 
 
 STRATEGIES = {
-    # name: (mesh, rules, collectives required, collectives forbidden, max per-device share)
-    "dp": ("data=8", "dp", {"all-reduce"}, {"all-gather", "reduce-scatter", "all-to-all"}, 1.0),
-    "fsdp": ("fsdp=8", "fsdp", {"all-gather"}, {"all-to-all"}, 1 / 4),
-    "tp": ("data=2,tensor=4", "tp", {"all-reduce"}, {"all-to-all"}, 1 / 2),
-    "fsdp_tp": ("fsdp=4,tensor=2", "fsdp_tp", {"all-gather", "all-reduce"}, {"all-to-all"}, 1 / 4),
+    # name: (model, mesh, rules, collectives required, collectives forbidden, max per-device share)
+    "dp": ("hybrid", "data=8", "dp", {"all-reduce"}, {"all-gather", "reduce-scatter", "all-to-all"}, 1.0),
+    "fsdp": ("hybrid", "fsdp=8", "fsdp", {"all-gather"}, {"all-to-all"}, 1 / 4),
+    "tp": ("hybrid", "data=2,tensor=4", "tp", {"all-reduce"}, {"all-to-all"}, 1 / 2),
+    "fsdp_tp": ("hybrid", "fsdp=4,tensor=2", "fsdp_tp", {"all-gather", "all-reduce"}, {"all-to-all"}, 1 / 4),
+    # Tokens travel to their experts' devices and back by all-to-all (see the test); the rest of
+    # the model is fsdp over the other axis, the experts a quarter per device.
+    "ep": ("moe", "fsdp=2,expert=4", "ep", {"all-to-all", "all-gather"}, set(), 1 / 2),
     # Ring attention rotates K/V blocks (collective-permute), weights are split over fsdp x
     # sequence and gathered per layer; the sequence itself is never gathered (see the test).
-    "cp": ("fsdp=2,sequence=4", "cp", {"collective-permute", "all-gather"}, set(), 1 / 4),
+    "cp": ("hybrid", "fsdp=2,sequence=4", "cp", {"collective-permute", "all-gather"}, set(), 1 / 4),
 }
 
 
-# Every strategy runs by default (about 4-8 s of CPU each, plus the shared baseline): each rule
+# Every strategy runs by default (about 4-8 s of CPU each, plus the two baselines): each rule
 # table is what a user trains with, so each gets its own equivalence check in CI.
 DEFAULT_STRATEGIES = tuple(STRATEGIES)
 
@@ -143,10 +168,11 @@ DEFAULT_STRATEGIES = tuple(STRATEGIES)
 @pytest.mark.parametrize("name", [n if n in DEFAULT_STRATEGIES else pytest.param(n, marks=pytest.mark.slow)
                                   for n in STRATEGIES])
 def test_sharded_train_step_matches_single_device(name, single):
-    mesh_spec, rules, required, forbidden, max_share = STRATEGIES[name]
-    params0, want_params, want_loss = single
-    compiled, params, opt_state, batch, mesh = sharded_step(mesh_spec, rules, params0)
-    specs = zoo.param_specs(CFG)
+    model, mesh_spec, rules, required, forbidden, max_share = STRATEGIES[name]
+    cfg = MODELS[model]
+    params0, want_params, want_loss = single(model)
+    compiled, params, opt_state, batch, mesh = sharded_step(cfg, mesh_spec, rules, params0)
+    specs = zoo.param_specs(cfg)
 
     # Optimizer moments live where their parameters live.
     mu = opt_state[1][0].trace
@@ -174,6 +200,12 @@ def test_sharded_train_step_matches_single_device(name, single):
         # round loop), not only the partitioner's own.
         assert re.search(r"collective-permute(?:-start)?\(.*op_name=\"[^\"]*shard_map/while/body/[^\"]*ppermute",
                          hlo)
+    if name == "ep":
+        # The all-to-alls are the MoE's token exchange (its shard_map), not the partitioner's.
+        assert re.search(r"all-to-all(?:-start)?\(.*op_name=\"[^\"]*shard_map/[^\"]*all_to_all", hlo)
+        # Each device holds a quarter of the experts.
+        up = params["blocks"][0]["ffn"]["experts"]["up_EDF"]
+        assert up.addressable_shards[0].data.shape[1] == cfg.pattern[0].ffn.n_experts // 4
 
     new_params, new_opt_state, loss = compiled(params, opt_state, *batch)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
@@ -186,17 +218,21 @@ def test_sharded_train_step_matches_single_device(name, single):
         f"{name}: updated moment sharding {m.sharding.spec}"), new_opt_state[1][0].trace, params)
 
 
-def test_init_sharded_draws_the_single_device_numbers():
-    # Part of the model (the embeddings: a compile of the whole initialiser costs ~7 s of CPU),
-    # materialised shard by shard under fsdp_tp: the same numbers, in the promised layout.
-    specs = zoo.param_specs(CFG)["embed"]
-    mesh = sharding.make_mesh("fsdp=4,tensor=2")
-    got = sharding.init_sharded(jax.random.key(0), specs, mesh, "fsdp_tp")
+@pytest.mark.parametrize("mesh_spec, rules, part", [
+    ("fsdp=4,tensor=2", "fsdp_tp", lambda: zoo.param_specs(CFG)["embed"]),
+    ("fsdp=2,expert=4", "ep", lambda: zoo.param_specs(MOE_CFG)["blocks"][0]["ffn"]["experts"]),
+], ids=["fsdp_tp_embed", "ep_experts"])
+def test_init_sharded_draws_the_single_device_numbers(mesh_spec, rules, part):
+    # Part of a model (a compile of the whole initialiser costs ~7 s of CPU), materialised shard
+    # by shard: the same numbers, in the promised layout (the experts a quarter per device).
+    specs = part()
+    mesh = sharding.make_mesh(mesh_spec)
+    got = sharding.init_sharded(jax.random.key(0), specs, mesh, rules)
     want = jax.jit(lambda k: P.init(k, specs))(jax.random.key(0))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
     jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding.spec} != {s.spec}"),
-                 got, sharding.param_shardings(specs, mesh, "fsdp_tp"))
-    assert sharding.per_device_bytes(got) == _expected_device_bytes(specs, mesh, "fsdp_tp")
+                 got, sharding.param_shardings(specs, mesh, rules))
+    assert sharding.per_device_bytes(got) == _expected_device_bytes(specs, mesh, rules)
 
 
 def test_constrain_is_identity_without_rules_and_places_with_them():
