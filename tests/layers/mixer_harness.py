@@ -13,6 +13,7 @@ Tolerances from the issue: relative RMS < 1e-3 in fp32, < 5e-3 with bf16 inputs 
 from __future__ import annotations
 
 import jax
+import jax.extend.core  # noqa: F401  (jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +27,21 @@ def rel_rms(a, b) -> float:
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
     return float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(b ** 2)) + 1e-30))
+
+
+def jaxpr_shapes(closed_jaxpr) -> set[tuple[int, ...]]:
+    """Every array shape a traced program produces, nested jaxprs (scans, jits, custom VJPs)
+    included: lets a test assert that a path never builds some intermediate."""
+    found: set[tuple[int, ...]] = set()
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
 
 
 def assert_close(a, b, tol=FP32_TOL, what=""):

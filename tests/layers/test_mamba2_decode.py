@@ -2,13 +2,13 @@
 token padded to a chunk, with the same values and state as the chunked form."""
 
 import jax
-import jax.extend.core  # noqa: F401  (jaxprs_in_params)
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from layers import mamba2
 from layers.mamba2 import Mamba2Config
+from tests.layers import mixer_harness as mh
 
 # chunk_size 5 appears in no other dimension, so any chunk-shaped array in the trace is visible.
 CFG = Mamba2Config(d_model=16, d_state=8, head_dim=8, n_groups=2, chunk_size=5)
@@ -28,15 +28,7 @@ def _case():
 def test_one_token_forward_builds_no_chunk():
     params, x_B1D, state = jax.eval_shape(_case)
     jaxpr = jax.make_jaxpr(lambda p, x, s: mamba2.forward(p, x, cfg=CFG, state=s))(params, x_B1D, state)
-    shapes = set()
-
-    def visit(jx):
-        for eqn in jx.eqns:
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                visit(sub)
-
-    visit(jaxpr.jaxpr)
+    shapes = mh.jaxpr_shapes(jaxpr)
     assert shapes and not [s for s in shapes if CFG.chunk_size in s], sorted(shapes)
 
 

@@ -6,7 +6,6 @@ import math
 import types
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -164,15 +163,7 @@ def test_absorbed_step_never_builds_per_head_keys_or_values():
 
     def shapes(c):
         jaxpr = jax.make_jaxpr(lambda p, xt, s: mla.step(p, xt, s, cfg=c))(params, x[:, 0], state)
-        found = set()
-
-        def walk(j):
-            for eqn in j.eqns:
-                found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                    walk(sub)
-        walk(jaxpr.jaxpr)
-        return found
+        return mh.jaxpr_shapes(jaxpr)
 
     per_head = {(B, T, cfg.n_heads, d) for d in (cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.qk_head_dim)}
     assert not per_head & shapes(cfg)
