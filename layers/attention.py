@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from layers import attention_core, checks, norms, params as P
+from layers import attention_core, checks, dense, norms, params as P
 from layers.params import ParamSpec, fan_in_normal, zeros
 from layers.positions import RopeConfig, alibi_slopes, apply_rope
 
@@ -172,18 +172,9 @@ def _cache_kv(entries: dict, dtype):
     return k.astype(dtype), v.astype(dtype)
 
 
-def _rows() -> bool:
-    """Whether to run the projections on [B * L] rows: with [B, L] kept apart every weight
-    gradient contracts two axes, which XLA:CPU runs as Eigen dots behind transposing copies
-    (docs/performance.md). Under context parallelism the sequence axis is sharded and merging
-    it with the batch would reshard, so those keep [B, L]."""
-    from sharding import context  # lazy: sharding imports layers
-    return context.sequence_axis() is None
-
-
 def _project(x_BLD, w, b):
     B, L, D = x_BLD.shape
-    if _rows():
+    if dense.flat_rows():
         y_NO = jnp.einsum("ND,DO->NO", x_BLD.reshape(B * L, D), w.reshape(D, -1).astype(x_BLD.dtype),
                           preferred_element_type=jnp.float32)
         y = y_NO.reshape(B, L, *w.shape[1:])
@@ -196,7 +187,7 @@ def _project(x_BLD, w, b):
 
 def _out_project(o_BLHK, w_HKD, dtype):
     B, L, H, K = o_BLHK.shape
-    if _rows():
+    if dense.flat_rows():
         y_ND = jnp.einsum("NI,ID->ND", o_BLHK.reshape(B * L, H * K), w_HKD.reshape(H * K, -1).astype(dtype),
                           preferred_element_type=jnp.float32)
         return y_ND.reshape(B, L, -1)

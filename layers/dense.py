@@ -17,6 +17,16 @@ def param_specs(d_in: int, d_out: int, axes: tuple[str, str], *, use_bias: bool 
     return specs
 
 
+def flat_rows() -> bool:
+    """Whether a [B, L, ...] projection should run on [B * L] rows. With [B, L] kept apart every
+    weight gradient contracts two axes, which XLA:CPU runs as Eigen dots behind transposing
+    copies (one MLP layer's fwd+bwd 117 -> 89 ms at 8 x 256 x 256 -> 688; docs/performance.md).
+    Not under context parallelism: the sequence axis is sharded there, and merging it with the
+    batch would reshard."""
+    from sharding import context  # lazy: sharding imports layers
+    return context.sequence_axis() is None
+
+
 def forward(params: dict, x: jax.Array) -> jax.Array:
     """x [..., d_in] -> [..., d_out]; fp32 accumulation, result in x's dtype."""
     y = jnp.einsum("...i,io->...o", x, params["w"].astype(x.dtype),

@@ -59,19 +59,10 @@ def param_specs(cfg: MLPConfig) -> dict:
 
 
 def apply(params: dict, x_BLD: "Float[Array, '... D']", *, cfg: MLPConfig) -> "Float[Array, '... D']":
-    if x_BLD.ndim > 2 and not _sequence_split():
-        # One row axis: with [B, L] rows each weight gradient contracts two axes, which XLA:CPU
-        # runs as Eigen dots behind transposing copies (117 -> 89 ms per layer's fwd+bwd at
-        # 8 x 256 x 256 -> 688; docs/performance.md). Under context parallelism the sequence
-        # axis is sharded and merging it with the batch would reshard, so those keep [B, L].
+    if x_BLD.ndim > 2 and dense.flat_rows():
         x_ND = x_BLD.reshape(-1, x_BLD.shape[-1])
         return _apply(params, x_ND, cfg=cfg).reshape(x_BLD.shape)
     return _apply(params, x_BLD, cfg=cfg)
-
-
-def _sequence_split() -> bool:
-    from sharding import context  # lazy: sharding imports layers
-    return context.sequence_axis() is not None
 
 
 def _apply(params: dict, x_BLD, *, cfg: MLPConfig):

@@ -82,6 +82,28 @@ def sequence_split(batch: int, length: int, multiple: int = 1) -> "tuple[Mesh, s
     return mesh, axis, batch_axes
 
 
+def check_split(name: str, mesh: Mesh, axis: str, length: int) -> int:
+    """The size of mesh axis `axis`, which must exist and divide the sequence length; errors name
+    the caller."""
+    if axis not in mesh.shape:
+        raise ValueError(f"{name}: mesh has no axis {axis!r}; its axes are {dict(mesh.shape)}")
+    n = mesh.shape[axis]
+    if length % n:
+        raise ValueError(f"{name}: sequence length {length} must be a multiple of the '{axis}' axis size {n}")
+    return n
+
+
+def over_sequence(fn, like_BL: jax.Array, *args, **kwargs):
+    """`fn(*args, mesh=, axis=, batch_axes=, **kwargs)` when the active rules split the sequence
+    of `like_BL` (any [batch, length, ...] input of the call) and it divides over that axis, else
+    None: the contract of every layer's context-parallel dispatch (None: run your own code)."""
+    split = sequence_split(like_BL.shape[0], like_BL.shape[1])
+    if split is None:
+        return None
+    mesh, axis, batch_axes = split
+    return fn(*args, mesh=mesh, axis=axis, batch_axes=batch_axes, **kwargs)
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """`x` placed as the active rules say for these logical axes; unchanged without active rules."""
     current = _ACTIVE.get()

@@ -28,7 +28,7 @@ sequence length. The forms ("chunked", "recurrent") and chunk sizes pass through
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from layers import deltanet, rwkv7
 from sharding import context
+from sharding.context_scan import incoming_state
 
 if TYPE_CHECKING:
     from jaxtyping import Array, Bool, Float
@@ -61,26 +62,6 @@ def _then_right(first, second):
     return _mm(a1, a2), _mm(u1, a2) + u2
 
 
-def _incoming_state(a, u, h0, axis, then: Callable):
-    """(state entering this device's chunk, state after the whole sequence): every device's map
-    (a, u) gathered over `axis`, composed in sequence order, applied to the initial state h0."""
-    pa, pu = jax.lax.associative_scan(then, (jax.lax.all_gather(a, axis), jax.lax.all_gather(u, axis)))
-    i = jax.lax.axis_index(axis)
-    prev = jnp.maximum(i - 1, 0)
-    # h0 as the constant map (A = 0, U = h0), composed with the prefix: the prefix applied to h0.
-    _, s_prev = then((jnp.zeros_like(a), h0), (pa[prev], pu[prev]))
-    _, final = then((jnp.zeros_like(a), h0), (pa[-1], pu[-1]))
-    return jnp.where(i > 0, s_prev, h0), final
-
-
-def _check_split(name, mesh, axis, L):
-    if axis not in mesh.shape:
-        raise ValueError(f"{name}: mesh has no axis {axis!r}; its axes are {dict(mesh.shape)}")
-    n = mesh.shape[axis]
-    if L % n:
-        raise ValueError(f"{name}: sequence length {L} must be a multiple of the '{axis}' axis size {n}")
-
-
 # ---------------------------------------------------------------------------------------------
 # (Gated) DeltaNet: state S [K, V], S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T.
 
@@ -98,7 +79,7 @@ def _local_delta(q_BLHK, k_BLHK, v_BLHV, beta_BLH, g_BLH, h0_BHKV, reset_BL, *, 
     o_BLHV, qa_BLHK = oaug_BLHW[..., :V], oaug_BLHW[..., V:]  # qa_t = scale Abar_t^T q_t
     u_BHKV, a_BHKK = saug_BHKW[..., :V], saug_BHKW[..., V:]
     # Step 2: the state entering this chunk.
-    s_in_BHKV, final_BHKV = _incoming_state(a_BHKK, u_BHKV, h0_BHKV, axis, _then_left)
+    s_in_BHKV, final_BHKV = incoming_state(a_BHKK, u_BHKV, h0_BHKV, axis, _then_left)
     # Step 3: its contribution to every output (zero after a document start, since Abar_t = 0).
     o_BLHV = o_BLHV + jnp.einsum("BLHK,BHKV->BLHV", qa_BLHK, s_in_BHKV, precision=_HI)
     return o_BLHV.astype(v_BLHV.dtype), final_BHKV
@@ -113,7 +94,7 @@ def delta_rule(q_BLHK: "Float[Array, 'B L H K']", k_BLHK: "Float[Array, 'B L H K
     """layers.deltanet.delta_rule with the sequence split over mesh axis `axis`: (outputs in v's
     dtype, final state fp32). reset_BL marks document starts of the whole sequence."""
     B, L, H, K = q_BLHK.shape
-    _check_split("context_delta.delta_rule", mesh, axis, L)
+    context.check_split("context_delta.delta_rule", mesh, axis, L)
     V = v_BLHV.shape[-1]
     f32 = jnp.float32
     # No decay is log-decay 0: the same arithmetic as the layer's own default.
@@ -147,7 +128,7 @@ def _local_rwkv7(S0_BHVK, r_BLHK, logw_BLHK, k_BLHK, v_BLHV, a_BLHK, b_BLHK, sta
                                             starts_BL, form=form, chunk_size=chunk_size)
     y_BLHV, ar_BLHK = yaug_BLHW[..., :V], yaug_BLHW[..., V:]  # ar_t = Abar_t r_t
     u_BHVK, a_BHKK = saug_BHWK[:, :, :V], saug_BHWK[:, :, V:]
-    s_in_BHVK, final_BHVK = _incoming_state(a_BHKK, u_BHVK, S0_BHVK, axis, _then_right)
+    s_in_BHVK, final_BHVK = incoming_state(a_BHKK, u_BHVK, S0_BHVK, axis, _then_right)
     y_BLHV = y_BLHV + jnp.einsum("BHVK,BLHK->BLHV", s_in_BHVK, ar_BLHK, precision=_HI)
     return y_BLHV, final_BHVK
 
@@ -161,7 +142,7 @@ def rwkv7_recurrence(S0_BHVK: "Float[Array, 'B H V K']", r_BLHK: "Float[Array, '
                      ) -> tuple["Float[Array, 'B L H V']", "Float[Array, 'B H V K']"]:
     """layers.rwkv7.recurrence with the sequence split over mesh axis `axis`: (y, final state),
     fp32. starts_BL marks document starts of the whole sequence."""
-    _check_split("context_delta.rwkv7_recurrence", mesh, axis, r_BLHK.shape[1])
+    context.check_split("context_delta.rwkv7_recurrence", mesh, axis, r_BLHK.shape[1])
     f32 = jnp.float32
     b = tuple(batch_axes) or None
     seq4, seq2 = PartitionSpec(b, axis, None, None), PartitionSpec(b, axis)
@@ -181,21 +162,12 @@ def rwkv7_recurrence(S0_BHVK: "Float[Array, 'B H V K']", r_BLHK: "Float[Array, '
 
 
 def dispatch_delta(q_BLHK, k_BLHK, v_BLHV, beta_BLH, g_BLH, h0_BHKV, reset_BL, *, form, chunk_size, scale):
-    """`delta_rule` over the active sequence axis when the rules split the sequence
-    (sharding.context.sequence_split) and this input divides over it, else None."""
-    split = context.sequence_split(q_BLHK.shape[0], q_BLHK.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return delta_rule(q_BLHK, k_BLHK, v_BLHV, beta_BLH, g_BLH, h0_BHKV, reset_BL, mesh=mesh, axis=axis,
-                      batch_axes=batch_axes, form=form, chunk_size=chunk_size, scale=scale)
+    """`delta_rule` over the active sequence axis when the rules split the sequence, else None."""
+    return context.over_sequence(delta_rule, q_BLHK, q_BLHK, k_BLHK, v_BLHV, beta_BLH, g_BLH, h0_BHKV, reset_BL,
+                                 form=form, chunk_size=chunk_size, scale=scale)
 
 
 def dispatch_rwkv7(S0_BHVK, r_BLHK, logw_BLHK, k_BLHK, v_BLHV, a_BLHK, b_BLHK, starts_BL, *, form, chunk_size):
     """`rwkv7_recurrence` over the active sequence axis when the rules split the sequence, else None."""
-    split = context.sequence_split(r_BLHK.shape[0], r_BLHK.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return rwkv7_recurrence(S0_BHVK, r_BLHK, logw_BLHK, k_BLHK, v_BLHV, a_BLHK, b_BLHK, starts_BL, mesh=mesh,
-                            axis=axis, batch_axes=batch_axes, form=form, chunk_size=chunk_size)
+    return context.over_sequence(rwkv7_recurrence, r_BLHK, S0_BHVK, r_BLHK, logw_BLHK, k_BLHK, v_BLHV, a_BLHK,
+                                 b_BLHK, starts_BL, form=form, chunk_size=chunk_size)

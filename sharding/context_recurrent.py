@@ -37,7 +37,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from layers import mamba2, mingru, mlstm, rglru, rwkv4
 from sharding import context
-from sharding.context_scan import _incoming_state
+from sharding.context_scan import incoming_state
 
 if TYPE_CHECKING:
     from jaxtyping import Array, Bool, Float
@@ -45,15 +45,6 @@ if TYPE_CHECKING:
 # "Minus infinity" of the log-space summaries: finite, so sums and differences of a few of them
 # stay finite (no inf - inf in values or gradients), and exp() of it is exactly 0.
 NEG = -1e30
-
-
-def _check(name: str, mesh: Mesh, axis: str, length: int) -> int:
-    if axis not in mesh.shape:
-        raise ValueError(f"{name}: mesh has no axis {axis!r}; its axes are {dict(mesh.shape)}")
-    n = mesh.shape[axis]
-    if length % n:
-        raise ValueError(f"{name}: sequence length {length} must be a multiple of the '{axis}' axis size {n}")
-    return n
 
 
 def _seq(b, axis, rank):
@@ -135,7 +126,7 @@ def mlstm_cell(q_BLHK: "Float[Array, 'B L H K']", k_BLHK: "Float[Array, 'B L H K
     device, see the module docstring): (h, final (C, n, m))."""
     B, L, H, K = q_BLHK.shape
     V = v_BLHV.shape[-1]
-    _check("context_recurrent.mlstm_cell", mesh, axis, L)
+    context.check_split("context_recurrent.mlstm_cell", mesh, axis, L)
     f32 = jnp.float32
     if state is None:
         state = (jnp.zeros((B, H, K, V), f32), jnp.zeros((B, H, K), f32), jnp.zeros((B, H), f32))
@@ -179,7 +170,7 @@ def wkv4(w_A: "Float[Array, 'A']", u_A: "Float[Array, 'A']", k_BLA: "Float[Array
     """RWKV-4's WKV (layers.rwkv4 forms) with the sequence split over `axis`: (wkv, final
     (aa, bb, pp)). w_A: log decay per token (< 0), u_A: the bonus; state (aa, bb, pp) fp32."""
     B, L, A = k_BLA.shape
-    _check("context_recurrent.wkv4", mesh, axis, L)
+    context.check_split("context_recurrent.wkv4", mesh, axis, L)
     b = tuple(batch_axes) or None
     s3, s2, rep, full = _seq(b, axis, 3), _seq(b, axis, 2), PartitionSpec(b), PartitionSpec()
 
@@ -204,7 +195,7 @@ def _ssd_local(x, log_a, Bm, Cm, h0, reset, *, axis, chunk_size, mode):
     y_l, u_BHPN = mamba2.ssd(x.astype(jnp.float32), log_a, Bm, Cm, None, reset, chunk_size=chunk_size, mode=mode)
     cum_BTH = jnp.cumsum(log_a.astype(jnp.float32), axis=1)
     a_BH = jnp.exp(cum_BTH[:, -1]) * (1.0 - jnp.any(reset, axis=1).astype(jnp.float32))[:, None]
-    s_in_BHPN, final_BHPN = _incoming_state(a_BH[:, :, None, None], u_BHPN, h0, axis)
+    s_in_BHPN, final_BHPN = incoming_state(a_BH[:, :, None, None], u_BHPN, h0, axis)
     # The incoming state reaches token t decayed by exp(a_1 + ... + a_t), before the first start.
     s_in_BGRPN = s_in_BHPN.reshape(Bsz, G, H // G, Pd, -1)
     extra_BTGRP = jnp.einsum("BTGN,BGRPN->BTGRP", Cm.astype(jnp.float32), s_in_BGRPN).reshape(Bsz, T, H, Pd)
@@ -220,7 +211,7 @@ def ssd(x_BLHP: "Float[Array, 'B L H P']", log_a_BLH: "Float[Array, 'B L H']", B
     """layers.mamba2.ssd with the sequence split over `axis`: (y, final state)."""
     Bsz, L, H, Pd = x_BLHP.shape
     N = B_BLGN.shape[-1]
-    _check("context_recurrent.ssd", mesh, axis, L)
+    context.check_split("context_recurrent.ssd", mesh, axis, L)
     reset_BL = jnp.zeros((Bsz, L), bool) if reset_BL is None else reset_BL.astype(bool)
     h0_BHPN = jnp.zeros((Bsz, H, Pd, N), jnp.float32) if h0_BHPN is None else h0_BHPN.astype(jnp.float32)
     b = tuple(batch_axes) or None
@@ -239,7 +230,7 @@ def _elementwise_correct(h_BTE, log_a_BTE, reset_BT, h0_BE, axis):
     chunk's first document start."""
     cum_BTE = jnp.cumsum(log_a_BTE.astype(jnp.float32), axis=1)
     keep_B1 = 1.0 - jnp.any(reset_BT, axis=1, keepdims=True).astype(jnp.float32)
-    s_in_BE, final_BE = _incoming_state(jnp.exp(cum_BTE[:, -1]) * keep_B1, h_BTE[:, -1], h0_BE, axis)
+    s_in_BE, final_BE = incoming_state(jnp.exp(cum_BTE[:, -1]) * keep_B1, h_BTE[:, -1], h0_BE, axis)
     decay_BTE = jnp.exp(cum_BTE) * _first_doc(reset_BT)[:, :, None]
     return h_BTE + decay_BTE * s_in_BE[:, None, :], final_BE
 
@@ -267,7 +258,7 @@ def mingru_scan(h0_BE: "Float[Array, 'B E']", log_a_BLE: "Float[Array, 'B L E']"
     """minGRU / minLSTM's scan h_t = a_t h_{t-1} + b_t (layers.mingru forms, same arguments)
     with the sequence split over `axis`: h for every token."""
     B, L, E = log_a_BLE.shape
-    _check("context_recurrent.mingru_scan", mesh, axis, L)
+    context.check_split("context_recurrent.mingru_scan", mesh, axis, L)
     packed = reset_BL is not None
     reset_BL = reset_BL if packed else jnp.zeros((B, L), bool)
 
@@ -290,7 +281,7 @@ def rg_lru(u_BLE: "Float[Array, 'B L E']", r_BLE: "Float[Array, 'B L E']", i_BLE
            ) -> tuple["Float[Array, 'B L E']", "Float[Array, 'B E']"]:
     """layers.rglru.rg_lru with the sequence split over `axis`: (h for every token, last h)."""
     B, L, E = u_BLE.shape
-    _check("context_recurrent.rg_lru", mesh, axis, L)
+    context.check_split("context_recurrent.rg_lru", mesh, axis, L)
     h0_BE = jnp.zeros((B, E), jnp.float32) if h0_BE is None else h0_BE
 
     def local(u, r, i, lam, reset):
@@ -308,48 +299,28 @@ def rg_lru(u_BLE: "Float[Array, 'B L E']", r_BLE: "Float[Array, 'B L E']", i_BLE
 def dispatch_mlstm(q_BLHK, k_BLHK, v_BLHV, i_BLH, f_BLH, state, starts_BL, *, form, chunk_size, eps,
                    gate_soft_cap):
     """`mlstm_cell` over the active sequence axis when the rules split the sequence, else None."""
-    split = context.sequence_split(q_BLHK.shape[0], q_BLHK.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return mlstm_cell(q_BLHK, k_BLHK, v_BLHV, i_BLH, f_BLH, state, starts_BL, mesh=mesh, axis=axis,
-                      batch_axes=batch_axes, form=form, chunk_size=chunk_size, eps=eps, gate_soft_cap=gate_soft_cap)
+    return context.over_sequence(mlstm_cell, q_BLHK, q_BLHK, k_BLHK, v_BLHV, i_BLH, f_BLH, state, starts_BL,
+                                 form=form, chunk_size=chunk_size, eps=eps, gate_soft_cap=gate_soft_cap)
 
 
 def dispatch_ssd(x_BLHP, log_a_BLH, B_BLGN, C_BLGN, h0_BHPN, reset_BL, *, chunk_size, mode):
     """`ssd` over the active sequence axis when the rules split the sequence, else None."""
-    split = context.sequence_split(x_BLHP.shape[0], x_BLHP.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return ssd(x_BLHP, log_a_BLH, B_BLGN, C_BLGN, h0_BHPN, reset_BL, mesh=mesh, axis=axis, batch_axes=batch_axes,
-               chunk_size=chunk_size, mode=mode)
+    return context.over_sequence(ssd, x_BLHP, x_BLHP, log_a_BLH, B_BLGN, C_BLGN, h0_BHPN, reset_BL,
+                                 chunk_size=chunk_size, mode=mode)
 
 
 def dispatch_mingru(h0_BE, log_a_BLE, log_b_BLE, reset_BL, *, form, chunk_size):
     """`mingru_scan` over the active sequence axis when the rules split the sequence, else None."""
-    split = context.sequence_split(log_a_BLE.shape[0], log_a_BLE.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return mingru_scan(h0_BE, log_a_BLE, log_b_BLE, reset_BL, mesh=mesh, axis=axis, batch_axes=batch_axes,
-                       form=form, chunk_size=chunk_size)
+    return context.over_sequence(mingru_scan, log_a_BLE, h0_BE, log_a_BLE, log_b_BLE, reset_BL, form=form,
+                                 chunk_size=chunk_size)
 
 
 def dispatch_rglru(u_BLE, r_BLE, i_BLE, lambda_E, reset_BL, h0_BE, *, c):
     """`rg_lru` over the active sequence axis when the rules split the sequence, else None."""
-    split = context.sequence_split(u_BLE.shape[0], u_BLE.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return rg_lru(u_BLE, r_BLE, i_BLE, lambda_E, reset_BL, h0_BE, c=c, mesh=mesh, axis=axis, batch_axes=batch_axes)
+    return context.over_sequence(rg_lru, u_BLE, u_BLE, r_BLE, i_BLE, lambda_E, reset_BL, h0_BE, c=c)
 
 
 def dispatch_wkv4(w_A, u_A, k_BLA, v_BLA, starts_BL, state, *, form, chunk_size):
     """`wkv4` over the active sequence axis when the rules split the sequence, else None."""
-    split = context.sequence_split(k_BLA.shape[0], k_BLA.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return wkv4(w_A, u_A, k_BLA, v_BLA, starts_BL, state, mesh=mesh, axis=axis, batch_axes=batch_axes, form=form,
-                chunk_size=chunk_size)
+    return context.over_sequence(wkv4, k_BLA, w_A, u_A, k_BLA, v_BLA, starts_BL, state, form=form,
+                                 chunk_size=chunk_size)

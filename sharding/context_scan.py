@@ -43,15 +43,18 @@ def _combine(first, second):
     return a2 * a1, a2 * u1 + u2
 
 
-def _incoming_state(a, u, h0, axis):
+def incoming_state(a, u, h0, axis, then=_combine):
     """(state entering this device's chunk, state after the whole sequence) from every device's
-    map (a, u), gathered over `axis` and composed by a prefix scan in sequence order, applied to
-    the initial state h0 (the same on every device of the axis)."""
-    pa, pu = jax.lax.associative_scan(_combine, (jax.lax.all_gather(a, axis), jax.lax.all_gather(u, axis)))
+    map (a, u), gathered over `axis` and composed by a prefix scan in sequence order with `then`
+    (`first`, `second` -> their composition; `_combine` for diagonal decays), applied to the
+    initial state h0 (the same on every device of the axis)."""
+    pa, pu = jax.lax.associative_scan(then, (jax.lax.all_gather(a, axis), jax.lax.all_gather(u, axis)))
     i = jax.lax.axis_index(axis)
     prev = jnp.maximum(i - 1, 0)
-    s_in = jnp.where(i > 0, pa[prev] * h0 + pu[prev], h0)
-    return s_in, pa[-1] * h0 + pu[-1]
+    # h0 as the constant map (A = 0, U = h0) followed by a prefix: that prefix applied to h0.
+    _, s_prev = then((jnp.zeros_like(a), h0), (pa[prev], pu[prev]))
+    _, final = then((jnp.zeros_like(a), h0), (pa[-1], pu[-1]))
+    return jnp.where(i > 0, s_prev, h0), final
 
 
 def _local(q_BLHK, k_BLHK, v_BLHV, g_BLHk, h0_BHKV, reset_BL, *, axis, scale, form, chunk_size, impl):
@@ -64,7 +67,7 @@ def _local(q_BLHK, k_BLHK, v_BLHV, g_BLHk, h0_BHKV, reset_BL, *, axis, scale, fo
     a_BHk = jnp.exp(jnp.sum(g32_BLHk, axis=1)) * no_reset_B[:, None, None]
     a_BHK1 = jnp.broadcast_to(a_BHk, u_BHKV.shape[:3])[..., None]
     # Step 2: every device's map, composed in sequence order; exclusive prefix for this device.
-    s_in_BHKV, final_BHKV = _incoming_state(a_BHK1, u_BHKV, h0_BHKV, axis)
+    s_in_BHKV, final_BHKV = incoming_state(a_BHK1, u_BHKV, h0_BHKV, axis)
     # Step 3: the incoming state reaches token t decayed by exp(g_1 + ... + g_t), and only until
     # the chunk's first document start.
     first_doc_BL = (jnp.cumsum(reset_BL.astype(jnp.int32), axis=1) == 0).astype(jnp.float32)
@@ -84,12 +87,8 @@ def decayed_linear_attention(
     """layers.linear_recurrence.decayed_linear_attention with the sequence split over mesh axis
     `axis`: (outputs, final state). reset_BL marks document starts of the whole sequence
     (layers.segments.starts of the global segment ids); h0_BHKV: initial state (zeros if None)."""
-    if axis not in mesh.shape:
-        raise ValueError(f"context_scan: mesh has no axis {axis!r}; its axes are {dict(mesh.shape)}")
     B, L, H, K = q_BLHK.shape
-    n = mesh.shape[axis]
-    if L % n:
-        raise ValueError(f"context_scan: sequence length {L} must be a multiple of the '{axis}' axis size {n}")
+    context.check_split("context_scan", mesh, axis, L)
     if g is None:
         g_BLHk = jnp.zeros((B, L, H, 1), jnp.float32)
     else:
@@ -116,7 +115,7 @@ def _local_selective(u_BLE, delta_BLE, A_EN, B_BLN, C_BLN, D_E, h0_BEN, reset_BL
     cum_BLE = jnp.cumsum(delta_BLE.astype(jnp.float32), axis=1)
     no_reset_B = 1.0 - jnp.any(reset_BL, axis=1).astype(jnp.float32)
     a_BEN = jnp.exp(cum_BLE[:, -1, :, None] * A32_EN[None]) * no_reset_B[:, None, None]
-    s_in_BEN, final_BEN = _incoming_state(a_BEN, u_BEN, h0_BEN, axis)
+    s_in_BEN, final_BEN = incoming_state(a_BEN, u_BEN, h0_BEN, axis)
     first_doc_BL = (jnp.cumsum(reset_BL.astype(jnp.int32), axis=1) == 0).astype(jnp.float32)
     decay_BLEN = jnp.exp(cum_BLE[..., None] * A32_EN[None, None])
     extra_BLE = jnp.einsum("BLN,BLEN,BEN->BLE", C_BLN.astype(jnp.float32), decay_BLEN, s_in_BEN)
@@ -133,12 +132,8 @@ def selective_scan(u_BLE: "Float[Array, 'B L E']", delta_BLE: "Float[Array, 'B L
     """layers.mamba.selective_scan with the sequence split over mesh axis `axis`: the same three
     steps, with the chunk map S -> exp(A sum(delta)) S + U per (channel, state index).
     h0_BEN: initial state (zeros if None). Returns (y, final state)."""
-    if axis not in mesh.shape:
-        raise ValueError(f"context_scan: mesh has no axis {axis!r}; its axes are {dict(mesh.shape)}")
     B, L, E = u_BLE.shape
-    n = mesh.shape[axis]
-    if L % n:
-        raise ValueError(f"context_scan: sequence length {L} must be a multiple of the '{axis}' axis size {n}")
+    context.check_split("context_scan", mesh, axis, L)
     reset_BL = jnp.zeros((B, L), bool) if reset_BL is None else reset_BL.astype(bool)
     D_E = jnp.zeros((E,), u_BLE.dtype) if D_E is None else D_E
     h0_BEN = jnp.zeros((B, E, A_EN.shape[1]), jnp.float32) if h0_BEN is None else h0_BEN.astype(jnp.float32)
@@ -159,24 +154,15 @@ def selective_scan(u_BLE: "Float[Array, 'B L E']", delta_BLE: "Float[Array, 'B L
 
 def dispatch_linear(q_BLHK, k_BLHK, v_BLHV, g, h0_BHKV, reset_BL, *, scale, form, chunk_size, impl):
     """`decayed_linear_attention` over the active sequence axis when the rules split the sequence
-    (sharding.context.sequence_split) and this input divides over it, else None (the caller runs
-    its own code). impl "reference" stays unsplit: the yardstick."""
+    (sharding.context.over_sequence), else None (the caller runs its own code). impl "reference"
+    stays unsplit: the yardstick."""
     if impl == "reference":
         return None
-    split = context.sequence_split(q_BLHK.shape[0], q_BLHK.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return decayed_linear_attention(q_BLHK, k_BLHK, v_BLHV, g, reset_BL, scale=scale, mesh=mesh, axis=axis,
-                                    batch_axes=batch_axes, form=form, chunk_size=chunk_size, impl=impl,
-                                    h0_BHKV=h0_BHKV)
+    return context.over_sequence(decayed_linear_attention, q_BLHK, q_BLHK, k_BLHK, v_BLHV, g, reset_BL,
+                                 scale=scale, form=form, chunk_size=chunk_size, impl=impl, h0_BHKV=h0_BHKV)
 
 
 def dispatch_selective(u_BLE, delta_BLE, A_EN, B_BLN, C_BLN, D_E, h0_BEN, reset_BL, *, mode, chunk_size):
     """`selective_scan` over the active sequence axis when the rules split the sequence, else None."""
-    split = context.sequence_split(u_BLE.shape[0], u_BLE.shape[1])
-    if split is None:
-        return None
-    mesh, axis, batch_axes = split
-    return selective_scan(u_BLE, delta_BLE, A_EN, B_BLN, C_BLN, D_E, reset_BL, mesh=mesh, axis=axis,
-                          batch_axes=batch_axes, mode=mode, chunk_size=chunk_size, h0_BEN=h0_BEN)
+    return context.over_sequence(selective_scan, u_BLE, u_BLE, delta_BLE, A_EN, B_BLN, C_BLN, D_E, reset_BL,
+                                 mode=mode, chunk_size=chunk_size, h0_BEN=h0_BEN)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import attention, mlp
+from layers import attention, dense, mlp
 from layers.mlp import MLPConfig
 
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -53,7 +53,7 @@ def test_attention_projections_rows_equal_blh_einsums(dtype, monkeypatch):
 
     def both(p, x):  # one compile: the [B * L] path traced first, then the [B, L] one
         rows = _vjp(f, p, x, dy)
-        monkeypatch.setattr(attention, "_rows", lambda: False)
+        monkeypatch.setattr(dense, "flat_rows", lambda: False)
         return rows, _vjp(f, p, x, dy)
 
     got, want = jax.jit(both)(params, x)

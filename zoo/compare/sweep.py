@@ -153,7 +153,7 @@ def _abstract_state(cfg: Any, R: int, weight_decay: float) -> tuple[Any, Any]:
 #: Options for executables whose speed is never measured. Initialisation is a long chain of
 #: threefry hashes: at XLA's default optimisation level it compiled in 2.5-7.5 s of CPU per
 #: family, at level 0 in 1-1.5 s, and either runs in milliseconds (docs/compare.md).
-UNTIMED_COMPILE = {"xla_backend_optimization_level": 0}
+UNTIMED_COMPILE = compile_options(0)
 
 #: Compiled initialisers (key -> params and optimizer state), keyed by (config, members, weight decay).
 _STARTS: dict[tuple, Any] = {}
