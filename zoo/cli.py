@@ -84,5 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.run(args, args.subparser)  # errors after parsing report through the subcommand
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script: restart once with XLA's CPU buffers on huge pages (`zoo.hugepages`),
+    then run the command. `main` is what tests call; it never restarts the process."""
+    from zoo import hugepages
+
+    hugepages.restart_with_hugepages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -306,16 +306,15 @@ def test_decoder_compiled_at_a_low_xla_level_steps_as_zoo_step():
     assert np.asarray(state["pos_B"])[0] == 3
 
 
-def test_each_mode_compiles_one_shape_group_per_length():
+def test_each_mode_compiles_one_shape_group():
     """The time budgets rest on it: at XLA's default level one sweep-step compile costs more CPU
-    than a task's training, so tasks of one length share one vocabulary (one step and one scorer
-    per family and length): `--quick` has one length, the default three (MQAR's 64, 128, 256),
-    `--full` four."""
+    than a task's training, so every task of a run trains on rows of one length (shorter tasks
+    packed) with one vocabulary: one step and one scorer per family in every mode."""
     from zoo.compare import harness as H
     from zoo.compare import tasks as T
-    for mode, groups in (("quick", 1), ("default", 3), ("full", 4)):
+    for mode in ("quick", "default", "full"):
         tasks = T.default_tasks(mode)
-        assert len(H.shape_groups(tasks, H.BUDGETS[mode])) == groups, mode
+        assert len(H.shape_groups(tasks, H.BUDGETS[mode])) == 1, mode
     assert {t.name for t in T.default_tasks("default")} == {"mqar_64_4", "mqar_128_8", "mqar_256_16",
                                                            "selective_copy", "induction", "lm"}
     assert H.BUDGETS["quick"].xla_optimization_level == 1

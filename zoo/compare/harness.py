@@ -11,11 +11,12 @@ it is selected, else the first task): `compile_s` and `step_s` are those of the 
 over the fp32 matmul peak measured at the start of the run, and `peak_bytes` is XLA's plan for
 that compiled sweep step (params, gradients and AdamW moments of all R members, activations).
 
-Compilation dominates a CPU-sized comparison, so a run compiles as little as it can: tasks of one
-length share the model vocabulary (`tasks.model_vocab`) and hence one sweep step and one scorer
-per family; the step takes the schedule as an input, so tasks with other step counts share it
-too; and all of them are compiled up front (`precompile`, optionally by a thread pool), before
-any timed step. `compile_s` is the wall time of that compilation.
+Compilation dominates a CPU-sized comparison, so a run compiles as little as it can: every task
+trains on rows of the run's longest length, shorter tasks packed several sequences to a row
+(`tasks.pack`), with the run's largest vocabulary (`tasks.model_vocab`), hence one sweep step and
+one scorer per family; the step takes the schedule as an input, so tasks with other step counts
+share it too; and all of them are compiled up front (`precompile`, optionally by a thread pool),
+before any timed step. `compile_s` is the wall time of that compilation.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from zoo.compare import tasks as T
 class Budget:
     """Attributes:
     target_params: non-embedding parameters every family is sized to.
-    steps, batch_size: optimizer steps and sequences per step (per sweep member).
+    steps, batch_size: optimizer steps, and rows per step (per sweep member). A row holds the
+      run's longest task length in tokens (`tasks.row_length`): a task half as long puts two of
+      its sequences in each row, so every task trains on the same tokens per step.
     lrs: the learning-rate sweep (peak of warmup + cosine; AdamW, weight decay 0.1).
     warmup_fraction: warmup steps as a fraction of steps.
     eval_batches, eval_batch_size: held-out batches scored per task.
@@ -105,10 +108,11 @@ BUDGETS = {
     # on LM; 3e-2 brings it to 4.3 (docs/compare.md), hence this sweep.
     "quick": Budget(target_params=20_000, steps=20, batch_size=8, lrs=(1e-2, 3e-2), eval_batches=1,
                     eval_batch_size=64, decode_contexts=(256, 1024), xla_optimization_level=1),
-    # Ten minutes on a 2-core CPU: one shape group (all tasks at L 64), so each family compiles
-    # one sweep step and one scorer at XLA's default level, and 60 steps per task (docs/compare.md).
-    "default": Budget(target_params=30_000, steps=60, batch_size=16, lrs=(3e-3, 1e-2), eval_batches=2,
-                      eval_batch_size=64),
+    # Ten minutes on a 2-core CPU: rows of 256 tokens (MQAR's longest), 6 per step, so every task
+    # trains on 1536 tokens a step and each family compiles one sweep step and one scorer at XLA's
+    # default level; 60 steps per task (docs/compare.md).
+    "default": Budget(target_params=30_000, steps=60, batch_size=6, lrs=(3e-3, 1e-2), eval_batches=2,
+                      eval_batch_size=32),
     "full": Budget(target_params=1_000_000, steps=5000, batch_size=64,
                    lrs=tuple(float(x) for x in np.logspace(-4, -2, 4)), eval_batches=8,
                    decode_contexts=(1024, 4096, 16384, 65536)),
@@ -153,23 +157,27 @@ def _curve(losses_S: np.ndarray, points: int = 100) -> list[float]:
 
 def run_task(sized: F.Sized, task: T.Task, budget: Budget, seed: int,
              on_step: Callable[[int], Any] | None = None, *,
-             vocab_size: int | None = None) -> tuple[dict, sweep.SweepResult, Any]:
+             vocab_size: int | None = None, row_len: int | None = None) -> tuple[dict, sweep.SweepResult, Any]:
     """Train the sweep on `task` and score it on held-out data; (results entry, sweep, config).
 
     vocab_size: the model's vocabulary (default the task's; `tasks.model_vocab` gives the one
-      shared by the tasks of one length, so that they share a compiled step).
+      shared by the tasks of a run, so that they share a compiled step).
+    row_len: pack the task's sequences into rows of this many tokens (`tasks.pack`; default: one
+      sequence per row, unpacked).
     """
     budget = budget.for_task(task)
     fam = F.get(sized.family)
     vocab = task.vocab_size if vocab_size is None else vocab_size
     if vocab < task.vocab_size:
         raise ValueError(f"run_task: vocab_size: expected at least the task's {task.vocab_size}, got {vocab}")
-    cfg = fam.config(vocab_size=vocab, max_len=task.seq_len, d_model=sized.d_model, d_ff=sized.d_ff)
-    res = sweep.train_sweep(cfg, budget.lrs, T.train_batches(task, budget.batch_size, seed),
+    if row_len is not None and row_len < task.seq_len:
+        raise ValueError(f"run_task: row_len: expected at least the task's length {task.seq_len}, got {row_len}")
+    cfg = fam.config(vocab_size=vocab, max_len=row_len or task.seq_len, d_model=sized.d_model, d_ff=sized.d_ff)
+    res = sweep.train_sweep(cfg, budget.lrs, T.train_batches(task, budget.batch_size, seed, row_len),
                             steps=budget.steps,
                             warmup_steps=min(budget.steps - 1, max(1, int(budget.warmup_fraction * budget.steps))),
                             seed=seed, on_step=on_step, xla_level=budget.xla_optimization_level)
-    held_out = T.eval_batches(task, budget.eval_batch_size, budget.eval_batches, seed)
+    held_out = T.eval_batches(task, budget.eval_batch_size, budget.eval_batches, seed, row_len)
     score = sweep.accuracy_R if task.metric == "accuracy" else sweep.bits_per_token_R
     values_R = score(res.params, cfg, held_out, xla_level=budget.xla_optimization_level)
     best = _best(task, values_R)
@@ -179,17 +187,22 @@ def run_task(sized: F.Sized, task: T.Task, budget: Budget, seed: int,
         "lr": res.lrs[best],
         "sweep": {f"{lr:.3g}": float(v) for lr, v in zip(res.lrs, values_R)},
         "steps": budget.steps,
-        "tokens": budget.steps * budget.batch_size * task.seq_len,
+        "tokens": budget.steps * budget.batch_size * ((row_len or task.seq_len) // task.seq_len) * task.seq_len,
         "model_vocab_size": vocab,
         "loss_curve": _curve(res.losses_RS[best]),
     }
     return entry, res, cfg
 
 
+def _rows(tasks: list[T.Task]) -> int | None:
+    """The row length a run of `tasks` packs into, or None when every task fills the rows."""
+    return T.row_length(tasks) if T.packed(tasks) else None
+
+
 def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_flops: float,
                progress: Progress | None = None) -> dict:
     ref = next((t for t in tasks if t.name == "lm"), tasks[0])
-    sized = F.solve(name, budget.target_params, vocab_size=ref.vocab_size, max_len=ref.seq_len)
+    sized = F.solve(name, budget.target_params, vocab_size=T.model_vocab(tasks), max_len=T.row_length(tasks))
     out: dict[str, Any] = {
         "params": sized.params, "non_embedding_params": sized.non_embedding_params,
         "target_params": sized.target, "d_model": sized.d_model, "d_ff": sized.d_ff,
@@ -203,7 +216,8 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
             if progress is not None and (s + 1) % max(1, steps // 10) == 0:
                 progress.show(f"{label} step {s + 1}/{steps}", transient=True)
 
-        entry, res, cfg = run_task(sized, task, budget, seed, tick, vocab_size=T.model_vocab(task, tasks))
+        entry, res, cfg = run_task(sized, task, budget, seed, tick, vocab_size=T.model_vocab(tasks),
+                                   row_len=_rows(tasks))
         out["tasks"][task.name] = entry
         if task is ref:
             ref_result, ref_cfg = res, cfg
@@ -214,8 +228,9 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
             progress.show(f"{label}: {task.metric} {entry['value']:.3f}")
 
     ref_budget = budget.for_task(ref)
-    R, B, L = len(ref_budget.lrs), ref_budget.batch_size, ref.seq_len
-    flops = measure.analytic_flops_per_token(ref_cfg, L)
+    R, B, L = len(ref_budget.lrs), ref_budget.batch_size, T.row_length(tasks)
+    # Attention's context is the reference task's own sequences, packed or not.
+    flops = measure.analytic_flops_per_token(ref_cfg, ref.seq_len)
     out["flops_per_token"] = flops
     out["xla_flops_per_token"] = measure.xla_flops_per_token(ref_cfg, B, L)
     out["compile_s"] = ref_result.compile_s
@@ -234,13 +249,13 @@ def run_family(name: str, tasks: list[T.Task], budget: Budget, seed: int, peak_f
     return out
 
 
-def shape_groups(tasks: list[T.Task], budget: Budget) -> list[tuple[int, int, int, int]]:
-    """The distinct (seq_len, model vocabulary, batch, members) of `tasks`: one compiled sweep
-    step and one scorer each, per family."""
+def shape_groups(tasks: list[T.Task], budget: Budget) -> list[tuple[int, int, int, int, bool]]:
+    """The distinct (row length, model vocabulary, rows, members, packed) of `tasks`: one compiled
+    sweep step and one scorer each, per family. One unless MQAR has a budget of its own."""
     groups = []
     for task in tasks:
         b = budget.for_task(task)
-        g = (task.seq_len, T.model_vocab(task, tasks), b.batch_size, len(b.lrs))
+        g = (T.row_length(tasks), T.model_vocab(tasks), b.batch_size, len(b.lrs), T.packed(tasks))
         if g not in groups:
             groups.append(g)
     return groups
@@ -261,13 +276,13 @@ def precompile(family_names: list[str], tasks: list[T.Task], budget: Budget, thr
     jobs = []
     for name in family_names:
         fam = F.get(name)
-        sized = F.solve(name, budget.target_params, vocab_size=ref.vocab_size, max_len=ref.seq_len)
-        for L, V, B, R in shape_groups(tasks, budget):
+        sized = F.solve(name, budget.target_params, vocab_size=T.model_vocab(tasks), max_len=T.row_length(tasks))
+        for L, V, B, R, packed in shape_groups(tasks, budget):
             cfg = fam.config(vocab_size=V, max_len=L, d_model=sized.d_model, d_ff=sized.d_ff)
             jobs.append((sweep._compiled_start, (cfg, R, 0.1)))
-            jobs.append((sweep.compile_step, (cfg, R, B, L, 0.1, level)))
-            jobs.append((sweep.compile_scorer, (cfg, R, budget.eval_batch_size, L, level)))
-        ref_cfg = fam.config(vocab_size=T.model_vocab(ref, tasks), max_len=ref.seq_len, d_model=sized.d_model,
+            jobs.append((sweep.compile_step, (cfg, R, B, L, 0.1, level, packed)))
+            jobs.append((sweep.compile_scorer, (cfg, R, budget.eval_batch_size, L, level, packed)))
+        ref_cfg = fam.config(vocab_size=T.model_vocab(tasks), max_len=T.row_length(tasks), d_model=sized.d_model,
                              d_ff=sized.d_ff)
         jobs += [(measure.compile_decoder, (ref_cfg, ctx, level)) for ctx in budget.decode_contexts]
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
@@ -308,7 +323,7 @@ def meta(*, budget: Budget, mode: str, seed: int, command: str, peak_flops: floa
         "budget": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(budget).items()},
         "families": family_names,
         "tasks": {t.name: {"metric": t.metric, "vocab_size": t.vocab_size, "seq_len": t.seq_len,
-                           "model_vocab_size": T.model_vocab(t, task_list),
+                           "model_vocab_size": T.model_vocab(task_list),
                            "source": None if t.source is None else repr(t.source)} for t in task_list},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

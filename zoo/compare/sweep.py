@@ -55,9 +55,15 @@ class SweepResult:
     peak_bytes: int
 
 
-def _sweep_step(cfg: Any, optimizer: optax.GradientTransformation) -> Callable:
-    def one(params, opt_state, lr, inputs_BL, targets_BL, mask_BL):
-        loss, grads = jax.value_and_grad(ztrain.loss_fn)(params, inputs_BL, targets_BL, cfg, mask_BL)
+def _packing_kwargs(packing: tuple) -> dict:
+    """(segment_ids, positions) of packed rows, or () -> the forward's keyword arguments."""
+    return dict(zip(("segment_ids", "positions"), packing))
+
+
+def _sweep_step(cfg: Any, optimizer: optax.GradientTransformation, packed: bool) -> Callable:
+    def one(params, opt_state, lr, inputs_BL, targets_BL, mask_BL, *packing):
+        loss, grads = jax.value_and_grad(ztrain.loss_fn)(params, inputs_BL, targets_BL, cfg, mask_BL,
+                                                         **_packing_kwargs(packing))
         with jax.numpy_dtype_promotion("standard"):
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: u * lr.astype(u.dtype), updates)
@@ -68,7 +74,7 @@ def _sweep_step(cfg: Any, optimizer: optax.GradientTransformation) -> Callable:
         return (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state),
                 jnp.where(finite, loss, jnp.nan))
 
-    batched = jax.vmap(one, in_axes=(0, 0, 0, None, None, None))
+    batched = jax.vmap(one, in_axes=(0, 0, 0) + (None,) * (5 if packed else 3))
     return jax.jit(batched, donate_argnums=(0, 1))
 
 
@@ -106,9 +112,9 @@ def compile_options(xla_level: int | None) -> dict:
 
 
 #: Compiled sweep steps keyed by everything that shapes the executable (config, members, weight
-#: decay, batch shape, XLA optimisation level). The schedule and the step count are inputs, so
-#: the tasks of one shape group (same length, model vocabulary and batch) and a rerun with another
-#: seed or step count reuse one compilation; compilation dominates a CPU-sized comparison.
+#: decay, batch shape, packing, XLA optimisation level). The schedule and the step count are
+#: inputs, so the tasks of one shape group (same rows, model vocabulary and batch) and a rerun with
+#: another seed or step count reuse one compilation; compilation dominates a CPU-sized comparison.
 _COMPILED: dict[tuple, tuple[Any, float, int]] = {}
 
 
@@ -117,9 +123,10 @@ def _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch, xla_le
 
     A cache hit reports the compile seconds of the original compilation: the cost that the
     family's step pays once per run."""
-    key = (cfg, R, float(weight_decay), tuple(batch[0].shape), xla_level)
+    packed = len(batch) == 5  # inputs, targets, mask [, segment_ids, positions]
+    key = (cfg, R, float(weight_decay), tuple(batch[0].shape), packed, xla_level)
     if key not in _COMPILED:
-        step_fn = _sweep_step(cfg, _optimizer(cfg, weight_decay))
+        step_fn = _sweep_step(cfg, _optimizer(cfg, weight_decay), packed)
         t0 = time.perf_counter()
         compiled = step_fn.lower(params, opt_state, lrs_R, *batch).compile(compiler_options=compile_options(xla_level))
         compile_s = time.perf_counter() - t0
@@ -170,13 +177,14 @@ def _compiled_start(cfg: Any, R: int, weight_decay: float) -> Any:
 
 
 def compile_step(cfg: Any, R: int, batch_size: int, seq_len: int, weight_decay: float = 0.1,
-                 xla_level: int | None = None) -> float:
-    """Compile (and cache) the sweep step that `train_sweep` will use for this shape, from shapes
-    alone; returns its compile seconds. Safe to call from worker threads: XLA compiles without
-    the GIL, so a pool compiles several families at once (`harness.precompile`)."""
+                 xla_level: int | None = None, packed: bool = False) -> float:
+    """Compile (and cache) the sweep step that `train_sweep` will use for this shape (`packed`:
+    batches carry segment ids and positions), from shapes alone; returns its compile seconds.
+    Safe to call from worker threads: XLA compiles without the GIL, so a pool compiles several
+    families at once (`harness.precompile`)."""
     params, opt_state = _abstract_state(cfg, R, weight_decay)
     int_BL = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    batch = (int_BL, int_BL, jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32))
+    batch = (int_BL, int_BL, jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)) + (int_BL,) * (2 * packed)
     lrs_R = jax.ShapeDtypeStruct((R,), jnp.float32)
     return _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, batch, xla_level)[1]
 
@@ -201,8 +209,9 @@ def train_sweep(cfg: Any, lrs: tuple[float, ...], batches: Iterator[tuple[np.nda
                 on_step: Callable[[int], Any] | None = None, xla_level: int | None = None) -> SweepResult:
     """Train `cfg` for `steps` steps at every rate in `lrs` on the same `batches`.
 
-    `batches` yields (inputs_BL, targets_BL) with IGNORE (< 0) at unscored targets; the loss is
-    the mean over scored positions. Schedule: linear warmup then cosine decay to 10% (the
+    `batches` yields (inputs_BL, targets_BL) with IGNORE (< 0) at unscored targets, or packed rows
+    (inputs, targets, segment_ids, positions; `tasks.pack`); the loss is the mean over scored
+    positions. Schedule: linear warmup then cosine decay to 10% (the
     project's `TrainConfig` defaults), AdamW b2 0.95, clipping at 1. xla_level: XLA's
     optimisation level for the step (None: XLA's default; see `compile_options`).
     """
@@ -212,9 +221,10 @@ def train_sweep(cfg: Any, lrs: tuple[float, ...], batches: Iterator[tuple[np.nda
     lrs_R = np.asarray(lrs, np.float32)
 
     def prepare(batch):
-        inputs_BL, targets_BL = batch
+        inputs_BL, targets_BL, *packing = batch
         mask_BL = (targets_BL >= 0).astype(np.float32)
-        return np.asarray(inputs_BL, np.int32), np.maximum(targets_BL, 0).astype(np.int32), mask_BL
+        return (np.asarray(inputs_BL, np.int32), np.maximum(targets_BL, 0).astype(np.int32), mask_BL,
+                *(np.asarray(a, np.int32) for a in packing))
 
     first = prepare(next(batches))
     compiled, compile_s, peak_bytes = _compiled_step(cfg, R, weight_decay, params, opt_state, lrs_R, first,
@@ -247,7 +257,7 @@ def sweep_logits(params_R: Any, inputs_BL: "Int[Array, 'B L']", cfg: Any) -> "Fl
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _sweep_scores(params_R, inputs_BL, targets_BL, cfg):
+def _sweep_scores(params_R, inputs_BL, targets_BL, cfg, segment_ids_BL=None, positions_BL=None):
     """(hits_R, nats_R): per member, the scored positions (target >= 0) whose argmax is the
     target, and the summed cross-entropy there. One executable per shape serves both metrics,
     and only 2R numbers leave the device."""
@@ -255,7 +265,8 @@ def _sweep_scores(params_R, inputs_BL, targets_BL, cfg):
     safe_BL = jnp.maximum(targets_BL, 0)
 
     def one(p):
-        logits_BLV = zoo.model._forward(p, inputs_BL, cfg)[0].astype(jnp.float32)
+        logits_BLV = zoo.model._forward(p, inputs_BL, cfg, positions_BL=positions_BL,
+                                        segment_ids_BL=segment_ids_BL)[0].astype(jnp.float32)
         hit_BL = (jnp.argmax(logits_BLV, axis=-1) == safe_BL) & mask_BL
         ce_BL = jax.nn.logsumexp(logits_BLV, axis=-1) - jnp.take_along_axis(logits_BLV, safe_BL[..., None],
                                                                            axis=-1)[..., 0]
@@ -268,38 +279,39 @@ def _sweep_scores(params_R, inputs_BL, targets_BL, cfg):
 _SCORERS: dict[tuple, Any] = {}
 
 
-def compile_scorer(cfg: Any, R: int, batch_size: int, seq_len: int, xla_level: int | None = None) -> Any:
+def compile_scorer(cfg: Any, R: int, batch_size: int, seq_len: int, xla_level: int | None = None,
+                   packed: bool = False) -> Any:
     """The compiled `_sweep_scores` for this shape (cached; thread-safe like `compile_step`)."""
-    key = (cfg, R, batch_size, seq_len, xla_level)
+    key = (cfg, R, batch_size, seq_len, packed, xla_level)
     if key not in _SCORERS:
         params = _abstract_state(cfg, R, 0.1)[0]
         int_BL = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-        _SCORERS[key] = _sweep_scores.lower(params, int_BL, int_BL, cfg).compile(
+        _SCORERS[key] = _sweep_scores.lower(params, int_BL, int_BL, cfg, *(int_BL,) * (2 * packed)).compile(
             compiler_options=compile_options(xla_level))
     return _SCORERS[key]
 
 
-def _score_sums(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]], xla_level: int | None
+def _score_sums(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, ...]], xla_level: int | None
                 ) -> tuple[np.ndarray, np.ndarray, int]:
     hits, nats, count = 0.0, 0.0, 0
     R = jax.tree.leaves(params_R)[0].shape[0]
-    for inputs_BL, targets_BL in batches:
-        scorer = compile_scorer(cfg, R, *inputs_BL.shape, xla_level=xla_level)
-        hits_R, nats_R = scorer(params_R, np.asarray(inputs_BL, np.int32), np.asarray(targets_BL, np.int32))
+    for inputs_BL, targets_BL, *packing in batches:
+        scorer = compile_scorer(cfg, R, *inputs_BL.shape, xla_level=xla_level, packed=bool(packing))
+        hits_R, nats_R = scorer(params_R, *(np.asarray(a, np.int32) for a in (inputs_BL, targets_BL, *packing)))
         hits = hits + np.asarray(hits_R, np.float64)
         nats = nats + np.asarray(nats_R, np.float64)
         count += int((targets_BL >= 0).sum())
     return np.asarray(hits), np.asarray(nats), count
 
 
-def accuracy_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]], *,
+def accuracy_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, ...]], *,
                xla_level: int | None = None) -> np.ndarray:
     """Per-member accuracy over the scored positions (target >= 0) of `batches` (argmax == target)."""
     hits, _nats, count = _score_sums(params_R, cfg, batches, xla_level)
     return hits / max(count, 1)
 
 
-def bits_per_token_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, np.ndarray]], *,
+def bits_per_token_R(params_R: Any, cfg: Any, batches: list[tuple[np.ndarray, ...]], *,
                      xla_level: int | None = None) -> np.ndarray:
     """Per-member mean next-token loss in bits over the scored positions (bits per byte for
     byte-level data, where every position is scored)."""
