@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 import zoo
+from zoo import hugepages
 from zoo.compare import families as F
 from zoo.compare import measure, sweep
 from zoo.compare import tasks as T
@@ -319,6 +320,9 @@ def meta(*, budget: Budget, mode: str, seed: int, command: str, peak_flops: floa
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
                      "optax": optax.__version__},
         "matmul_peak_flops": peak_flops,
+        "row_length": T.row_length(task_list),
+        "packed": T.packed(task_list),
+        "malloc_hugepages": hugepages.active(),
         "xla_optimization_level": budget.xla_optimization_level,
         "budget": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(budget).items()},
         "families": family_names,

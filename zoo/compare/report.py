@@ -101,6 +101,12 @@ def _level_note(level: int | None) -> str:
             "the scores do not depend on it.")
 
 
+def _packing_note(meta: dict) -> str:
+    if not meta.get("packed"):
+        return ""
+    return " (shorter tasks packed several sequences to a row, each in its own segment)"
+
+
 def markdown(results: dict, plots: list[str], plot_note: str | None) -> str:
     meta, fams = results["meta"], results["families"]
     names = list(fams)
@@ -112,9 +118,11 @@ def markdown(results: dict, plots: list[str], plot_note: str | None) -> str:
         f"Device: {meta.get('device', {})}; matmul peak {_si(meta.get('matmul_peak_flops', float('nan')), 'FLOP/s')} "
         f"(fp32, measured in this run); seed {meta.get('seed')}; versions {meta.get('versions', {})}  ",
         f"Budget ({meta.get('mode')}): {b.get('target_params', '?'):,} non-embedding parameters per family "
-        f"(widths solved per family), {b.get('steps')} steps x {b.get('batch_size')} sequences per task, "
+        f"(widths solved per family), {b.get('steps')} steps x {b.get('batch_size')} rows of "
+        f"{meta.get('row_length', '?')} tokens per task{_packing_note(meta)}, "
         f"learning rates {b.get('lrs')} swept at once, best reported; 2 layers, AdamW (wd 0.1), warmup + cosine.  ",
-        f"Wall time: {meta.get('wall_s', float('nan')):.0f} s.  ",
+        f"Wall time: {meta.get('wall_s', float('nan')):.0f} s; glibc huge pages for XLA's buffers: "
+        f"{'on' if meta.get('malloc_hugepages') else 'off'}.  ",
         _level_note(meta.get("xla_optimization_level")), "",
         "## Task scores (best of the learning-rate sweep)", "",
         "| family | " + " | ".join(task_names) + " |",
