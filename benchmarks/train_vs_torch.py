@@ -31,6 +31,7 @@ import numpy as np
 
 import zoo
 from layers import params as P
+from zoo import hugepages
 from zoo import train
 
 SHAPE = dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688, vocab_size=256)
@@ -157,7 +158,9 @@ def compare(args) -> list[dict]:
     threads = {"xla_pool_threads": _xla_threads(), "torch_threads": torch.get_num_threads(),
                "cpus_allowed": len(os.sched_getaffinity(0))}
     print(f"threads: XLA pool {threads['xla_pool_threads']}, torch {threads['torch_threads']}, CPUs allowed "
-          f"{threads['cpus_allowed']}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+          f"{threads['cpus_allowed']}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
+          f"glibc huge pages {'on' if hugepages.active() else 'off'} (GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+          "speeds up both sides' steps: BENCHMARKS.md)")
     # Process CPU seconds per step: on one pinned core under load this is the work done, free of
     # the time spent waiting for the core (both runtimes' spin-waits included).
     med_torch_cpu = float(np.median(torch_cpu)) if torch_cpu else float("nan")
