@@ -45,7 +45,8 @@ class Budget:
       its sequences in each row, so every task trains on the same tokens per step.
     lrs: the learning-rate sweep (peak of warmup + cosine; AdamW, weight decay 0.1).
     warmup_fraction: warmup steps as a fraction of steps.
-    eval_batches, eval_batch_size: held-out batches scored per task.
+    eval_batches, eval_batch_size: held-out batches scored per task, and rows per batch (packed
+      like the training rows).
     decode_contexts: cache lengths at which decoding is timed and its state measured.
     mqar_steps, mqar_batch_size, mqar_lrs: MQAR's own steps, batch and sweep where they differ
       (None: the general ones). Attention leaves MQAR's ln(4) plateau only after a few hundred
