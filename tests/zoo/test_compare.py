@@ -178,11 +178,26 @@ def test_quick_compare_writes_a_valid_report(tmp_path, capsys):
     assert "wrote " in capsys.readouterr().out
 
 
-def test_state_bytes_grow_with_context_only_for_attention():
-    for name, grows in (("transformer", True), ("swa", True), ("mamba", False), ("gated_deltanet", False)):
+def test_state_bytes_grow_with_context_only_for_full_attention():
+    for name, grows in (("transformer", True), ("swa", False), ("mamba", False), ("gated_deltanet", False)):
         cfg = F.solve(name, 20_000, vocab_size=256, max_len=64).cfg
         small, large = measure.state_bytes(cfg, 256), measure.state_bytes(cfg, 1024)
         assert (large > 3 * small) if grows else (large == small), name
+
+
+def test_sliding_window_family_decodes_past_its_window_like_its_forward():
+    """`swa` decodes from a ring of SWA_WINDOW slots; past the window its steps still give the
+    logits of the full-sequence forward (which masks to the same window)."""
+    cfg = F.solve("swa", 8_000, vocab_size=32, max_len=96).cfg
+    params = zoo.init(jax.random.key(0), cfg)
+    tokens = np.random.default_rng(0).integers(0, 32, (1, 80)).astype(np.int32)  # 80 > SWA_WINDOW = 32
+    want = np.asarray(zoo.forward(params, tokens, cfg=cfg))
+    state = zoo.init_state(cfg, 1, 96)
+    assert state["blocks"][0]["mixer"]["k_BTGK"].shape[2] == F.SWA_WINDOW  # [repeats, B, T, G, K]
+    step = jax.jit(lambda p, t, s: zoo.model._step_jit(p, t, s, cfg=cfg))
+    for i in range(tokens.shape[1]):
+        logits, state = step(params, tokens[:, i], state)
+        np.testing.assert_allclose(np.asarray(logits)[0], want[0, i], rtol=1e-4, atol=1e-4, err_msg=f"token {i}")
 
 
 @pytest.mark.slow
