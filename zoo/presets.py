@@ -95,7 +95,10 @@ def llama(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_len, 
                       original_max_len=max_len if rope_scaling is None else 8192)
     norm = NormConfig(kind="rms", eps=norm_eps)
     block = BlockConfig(
-        mixer=_attn(d_model, n_heads, n_kv_heads, rope=rope, sliding_window=sliding_window),
+        # With a window, decoding keeps a ring of `sliding_window` slots (Mistral's rotating
+        # buffer): the same logits as a full-length cache, in memory that does not grow.
+        mixer=_attn(d_model, n_heads, n_kv_heads, rope=rope, sliding_window=sliding_window,
+                    rolling_cache=sliding_window is not None),
         ffn=MLPConfig(d_model=d_model, d_ff=d_ff, activation="silu", gated=True),
         norm=norm)
     return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, pattern=(block,),
@@ -262,7 +265,8 @@ def gemma2(*, vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff
 
     def block(window):
         mixer = _attn(d_model, n_heads, n_kv_heads, head_dim, rope=RopeConfig(theta=10000.0),
-                      sliding_window=window, logit_softcap=attn_softcap, query_scale=scale)
+                      sliding_window=window, rolling_cache=window is not None, logit_softcap=attn_softcap,
+                      query_scale=scale)
         return BlockConfig(mixer=mixer, ffn=ffn, norm=norm, norm_position="sandwich")
 
     return _finish(dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,

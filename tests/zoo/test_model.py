@@ -45,6 +45,15 @@ def test_presets_listed():
         assert n in names
 
 
+def test_windowed_layers_decode_from_a_ring_of_their_window():
+    """Mistral's every layer and Gemma 2's local layers keep `sliding_window` slots whatever the
+    context; Gemma 2's global layers keep the whole context."""
+    mistral = zoo.init_state(zoo.presets.get("mistral-tiny"), 1, 64)
+    assert mistral["blocks"][0]["mixer"]["k_BTGK"].shape[2] == 16
+    local, global_ = zoo.init_state(zoo.presets.get("gemma2-tiny"), 1, 64)["blocks"]
+    assert local["mixer"]["k_BTGK"].shape[2] == 16 and global_["mixer"]["k_BTGK"].shape[2] == 64
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_forward_equals_step_by_step_and_is_causal(name):
     cfg = zoo.presets.get(name)

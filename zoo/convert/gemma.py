@@ -67,6 +67,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         mixer = AttentionConfig(
             d_model=D, n_heads=H, n_kv_heads=G, head_dim=K, rope=_rope(hf, ty, max_pos), qk_norm=qk_norm,
             sliding_window=hf.get("sliding_window") if ty == "sliding_attention" else None,
+            rolling_cache=ty == "sliding_attention" and hf.get("sliding_window") is not None,
             logit_softcap=hf.get("attn_logit_softcapping"), use_bias=bias, out_bias=bias,
             query_scale=float(hf.get("query_pre_attn_scalar", K)) ** -0.5)
         layers.append(BlockConfig(mixer=mixer, ffn=ffn, norm=norm, norm_position="sandwich"))

@@ -62,8 +62,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
                     gated=True, use_bias=bool(hf.get("mlp_bias", False)))
 
     def block(window):
+        # A windowed layer decodes from a ring of `window` slots, as the zoo's own presets do.
         mixer = AttentionConfig(d_model=D, n_heads=H, n_kv_heads=G, head_dim=K, rope=rope, sliding_window=window,
-                                qk_norm=qk_norm, use_bias=qkv_bias, out_bias=out_bias)
+                                rolling_cache=window is not None, qk_norm=qk_norm, use_bias=qkv_bias,
+                                out_bias=out_bias)
         return BlockConfig(mixer=mixer, ffn=ffn, norm=norm)
 
     layers = [block(w) for w in layer_windows(hf)]
