@@ -20,7 +20,6 @@ from typing import Any, Callable
 from layers import params as P
 from zoo import model as zmodel
 from zoo import presets
-from zoo.generate import replace_attention
 from zoo.config import ModelConfig
 
 #: Depth of every compared model (Zoology compares 2-layer models).
@@ -60,12 +59,10 @@ class Family:
 
 def _llama(window: int | None):
     def build(V, L, d, ff):
-        cfg = presets.llama(vocab_size=V, d_model=d, n_layers=N_LAYERS, n_heads=2, n_kv_heads=2, d_ff=ff,
-                            max_len=L, sliding_window=window, tie_embeddings=True)
-        # A windowed model decodes from a ring of `window` slots (constant state and time per
-        # token), not a cache as long as the context: decoding cost and state size are what the
-        # comparison reports. Training is the same either way.
-        return cfg if window is None else replace_attention(cfg, rolling_cache=True)
+        # With a window, `presets.llama` decodes from a ring of `window` slots: constant state and
+        # time per token, which is what the comparison reports for `swa`.
+        return presets.llama(vocab_size=V, d_model=d, n_layers=N_LAYERS, n_heads=2, n_kv_heads=2, d_ff=ff,
+                             max_len=L, sliding_window=window, tie_embeddings=True)
     return build
 
 

@@ -115,7 +115,7 @@ def state_bytes(cfg: ModelConfig, context: int, batch_size: int = 1) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
 
-#: Compiled (zero state, decoding step) pairs keyed by (config, context, XLA level).
+#: Compiled (zero state, decoding step) pairs keyed by (config, the state's leaf shapes, XLA level).
 _DECODERS: dict[tuple, tuple[Any, Any]] = {}
 
 
@@ -125,12 +125,14 @@ def compile_decoder(cfg: ModelConfig, context: int, xla_level: int | None = None
 
     The step is `zoo.model`'s jitted decoding step, the function `zoo.step` runs after its host-side
     argument checks; compiled here with explicit options so that a run's XLA level applies to it.
-    Attention's cache shape is the context, so it compiles once per context; a recurrent state
-    does not depend on it, and jit's own cache would not help an explicit compile, hence this one.
+    The cache is keyed by the state's shapes: a full attention cache grows with the context, so
+    it compiles once per context, while a recurrent state or a sliding window's ring does not, so
+    every context shares one step (jit's own cache would not help an explicit compile).
     """
     from zoo.compare.sweep import UNTIMED_COMPILE, compile_options
 
-    key = (cfg, context, xla_level)
+    shapes = jax.eval_shape(lambda: zoo.init_state(cfg, 1, context))
+    key = (cfg, tuple((x.shape, x.dtype) for x in jax.tree.leaves(shapes)), xla_level)
     if key not in _DECODERS:
         # One executable for the zero state (eagerly, every leaf would compile its own fill and
         # reshape); its speed is not measured, so XLA need not optimise it.
